@@ -1,0 +1,270 @@
+"""Data preparation: images in, uint8 train/val/test arrays and a manifest out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from aevae import AevaeError
+from aevae.params import DataParams
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+# Real photographs that ship inside scikit-image, so the default pipeline needs no download.
+# motorcycle_right is left out: it is the other half of a stereo pair and would leak into the test set.
+BUILTIN_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle_left")
+# Errors Pillow raises for files that are not (complete, sane) images.
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+               Image.DecompressionBombWarning)
+
+
+class UnreadableImage(Exception):
+    """A file that is not a usable image; the message is the reason recorded in the manifest."""
+
+
+@dataclass
+class Prepared:
+    """What `prepare` produced: per-split counts and the files it had to skip."""
+
+    counts: dict[str, int]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    sha256: str = ""
+
+
+# --------------------------------------------------------------------------- images
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit scaled (not clipped), transparency over white."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        # Pillow's convert("L") clips 16-bit values at 255, which turns most 16-bit images white.
+        scale = 257.0 if values.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")
+
+
+def load_image(path: Path, image_size: int) -> np.ndarray:
+    """Decode one file to an (image_size, image_size, 3) uint8 array, center-cropped to a square."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; treat that as the bomb it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale, much faster
+                img.load()
+                img = to_rgb(ImageOps.exif_transpose(img))
+        img = ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC)
+    except _UNREADABLE as err:
+        raise UnreadableImage(f"{type(err).__name__}: {err}") from None
+    return np.asarray(img, dtype=np.uint8)
+
+
+def list_files(root: Path) -> list[Path]:
+    """Every non-hidden regular file under `root`, sorted; symlinked folders are not followed."""
+    if not root.exists():
+        raise AevaeError(f"data.path '{root}' does not exist: create it and put images in it, "
+                         "or set data.source: builtin")
+    if not root.is_dir():
+        raise AevaeError(f"data.path '{root}' is a file, not a folder: point data.path at the folder "
+                         "that holds the images")
+    files = []
+    for folder, subdirs, names in os.walk(root):  # followlinks=False: a symlink loop cannot trap us
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        files += [Path(folder, n) for n in names if not n.startswith(".")]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_sizes(total: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """Images per split; every split gets at least one image or it is an error."""
+    n_val, n_test = round(total * val_fraction), round(total * test_fraction)
+    sizes = {"train": total - n_val - n_test, "val": n_val, "test": n_test}
+    if min(sizes.values()) < 1 or sizes["train"] < 2:
+        raise AevaeError(
+            f"{total} usable images are too few for the train/val/test split "
+            f"(val_fraction {val_fraction}, test_fraction {test_fraction} gives {sizes}): "
+            "add images, or raise data.limit / data.builtin_size"
+        )
+    return sizes
+
+
+def _builtin_photos() -> list[np.ndarray]:
+    import skimage.data  # only the built-in source needs scikit-image
+
+    photos = []
+    for name in BUILTIN_PHOTOS:
+        photo = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()
+        photos.append(np.ascontiguousarray(photo[..., :3]))
+    return photos
+
+
+def _cells(shape: tuple[int, ...], cell: int) -> list[tuple[int, int]]:
+    rows, cols = shape[0] // cell, shape[1] // cell
+    return [(r * cell, c * cell) for r in range(rows) for c in range(cols)]
+
+
+def builtin_crops(params: DataParams, seed: int) -> Iterator[tuple[str, np.ndarray]]:
+    """Random crops of the built-in photographs, yielded as (split, image).
+
+    Each photograph is cut into a grid of cells and whole cells are assigned to a split; a crop never
+    crosses its cell, so test images share no pixel with training images.
+    """
+    rng = np.random.default_rng(seed)
+    size = params.image_size
+    cell = size * 3 // 2  # crops of 0.75x to 1.5x the output size: some zoom variety, no upscaling blur
+    photos = _builtin_photos()
+    cells = [(i, y, x) for i, photo in enumerate(photos) for y, x in _cells(photo.shape, cell)]
+    order = rng.permutation(len(cells))
+    n_cells = split_sizes(len(cells), params.val_fraction, params.test_fraction)
+    cells_of = {
+        "test": [cells[k] for k in order[: n_cells["test"]]],
+        "val": [cells[k] for k in order[n_cells["test"]: n_cells["test"] + n_cells["val"]]],
+        "train": [cells[k] for k in order[n_cells["test"] + n_cells["val"]:]],
+    }
+    n_images = split_sizes(params.builtin_size, params.val_fraction, params.test_fraction)
+    for split in SPLITS:
+        for _ in range(n_images[split]):
+            i, y, x = cells_of[split][rng.integers(len(cells_of[split]))]
+            side = int(rng.integers(size * 3 // 4, cell + 1))
+            dy, dx = rng.integers(0, cell - side + 1, size=2)
+            crop = photos[i][y + dy: y + dy + side, x + dx: x + dx + side]
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            image = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BICUBIC)
+            yield split, np.asarray(image)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _new_array(path: Path, n: int, size: int) -> np.memmap:
+    # Written straight to disk so memory stays at one image, whatever the data set size.
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+
+
+def _prepare_builtin(params: DataParams, seed: int, out: Path) -> Prepared:
+    counts = split_sizes(params.builtin_size, params.val_fraction, params.test_fraction)
+    arrays = {s: _new_array(out / f"{s}.npy", n, params.image_size) for s, n in counts.items()}
+    filled = dict.fromkeys(SPLITS, 0)
+    for split, image in tqdm(builtin_crops(params, seed), total=params.builtin_size, desc="prepare builtin",
+                             unit="img"):
+        arrays[split][filled[split]] = image
+        filled[split] += 1
+    for array in arrays.values():
+        array.flush()
+    return Prepared(counts=counts)
+
+
+def _prepare_folder(params: DataParams, seed: int, out: Path) -> Prepared:
+    root = Path(params.path)
+    files = list_files(root)
+    files = [files[k] for k in np.random.default_rng(seed).permutation(len(files))]
+    wanted = min(len(files), params.limit or len(files))
+    staging = _new_array(out / "all.npy", max(wanted, 1), params.image_size)
+    good, skipped = 0, []
+    with tqdm(total=wanted, desc=f"prepare {root}", unit="img") as bar:
+        for path in files:
+            if good == wanted:
+                break
+            try:
+                staging[good] = load_image(path, params.image_size)
+            except UnreadableImage as err:
+                skipped.append({"path": path.relative_to(root).as_posix(), "reason": str(err)})
+                bar.set_postfix(skipped=len(skipped))
+                continue
+            good += 1
+            bar.update()
+    if good == 0:
+        raise AevaeError(f"data.path '{root}' holds no readable image ({len(files)} files tried, "
+                         f"{len(skipped)} unreadable): add JPEG/PNG/WebP/BMP images")
+    counts = split_sizes(good, params.val_fraction, params.test_fraction)
+    # The files are already in seeded random order, so consecutive ranges are a random split.
+    start = 0
+    for split in ("test", "val", "train"):
+        array = _new_array(out / f"{split}.npy", counts[split], params.image_size)
+        array[:] = staging[start: start + counts[split]]
+        array.flush()
+        start += counts[split]
+    del staging
+    (out / "all.npy").unlink()
+    return Prepared(counts=counts, skipped=skipped)
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over the split arrays, so runs can record exactly which data they saw."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        with open(folder / f"{split}.npy", "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prepare(params: DataParams, seed: int, out: Path) -> Prepared:
+    """Build `out/{train,val,test}.npy` and `out/manifest.json`; `out` is replaced only on success."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        prepared = (_prepare_builtin if params.source == "builtin" else _prepare_folder)(params, seed, tmp)
+        prepared.sha256 = content_hash(tmp)
+        manifest = {
+            "source": params.source,
+            "path": params.path if params.source == "folder" else None,
+            "photos": list(BUILTIN_PHOTOS) if params.source == "builtin" else None,
+            "image_size": params.image_size,
+            "seed": seed,
+            "val_fraction": params.val_fraction,
+            "test_fraction": params.test_fraction,
+            "counts": prepared.counts,
+            "skipped_count": len(prepared.skipped),
+            "skipped": prepared.skipped,
+            "sha256": prepared.sha256,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return prepared
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AevaeError(f"{path} not found: run the prepare stage first (dvc repro prepare)") from None
+
+
+def load_split(folder: Path, split: str) -> np.ndarray:
+    """The (N, H, W, 3) uint8 array of one split, read into memory once."""
+    path = Path(folder) / f"{split}.npy"
+    try:
+        return np.load(path)
+    except FileNotFoundError:
+        raise AevaeError(f"{path} not found: run the prepare stage first (dvc repro prepare)") from None

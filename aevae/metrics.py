@@ -1,0 +1,208 @@
+"""Test-set evaluation: PSNR, SSIM and LPIPS per image, their means and bootstrap intervals.
+
+Conventions (PITFALLS.md #6), stated once here and in the report:
+- images are the uint8 reconstructions scaled to [0, 1], so every number can be recomputed from the
+  arrays written to metrics/reconstructions/;
+- PSNR is computed per image with data_range 1 and then averaged over images (not over the whole set);
+- SSIM uses the paper's Gaussian window, 11x11 with sigma 1.5 (Wang et al. 2004), per image, averaged
+  over the three channels;
+- LPIPS is version 0.1 with the AlexNet backbone (the metric's standard setting), inputs mapped from
+  [0, 1] to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from tqdm.auto import tqdm
+
+from aevae import AevaeError
+from aevae.files import atomic_path, write_text
+
+log = logging.getLogger(__name__)
+
+METRICS = ("psnr", "ssim", "lpips")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+
+
+class LPIPSUnavailable(AevaeError):
+    """AlexNet's ImageNet weights, which LPIPS needs, are not in the torch hub cache and cannot be fetched."""
+
+
+def alexnet_weights_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(ALEXNET_URL).name
+
+
+def load_lpips(device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The reference LPIPS model (lpips package, v0.1, AlexNet), loaded once; fails fast offline."""
+    import warnings
+
+    import lpips
+
+    try:
+        with warnings.catch_warnings():  # lpips passes torchvision the deprecated `pretrained=True`
+            warnings.simplefilter("ignore", UserWarning)
+            model = lpips.LPIPS(net="alex", version="0.1", verbose=False)
+    except OSError as err:  # URLError when offline, or a broken file in the cache
+        raise LPIPSUnavailable(
+            f"LPIPS needs AlexNet's ImageNet weights at {alexnet_weights_path()} ({type(err).__name__}: {err}). "
+            f"Download {ALEXNET_URL} to that path, or run once online: "
+            "python -c \"import torchvision; torchvision.models.alexnet(weights='IMAGENET1K_V1')\""
+        ) from None
+    return model.eval().to(device)
+
+
+def psnr_per_image(pred: Tensor, target: Tensor) -> Tensor:
+    return peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+
+
+def ssim_per_image(pred: Tensor, target: Tensor) -> Tensor:
+    return structural_similarity_index_measure(pred, target, data_range=1.0, gaussian_kernel=True,
+                                               kernel_size=11, sigma=1.5, reduction="none")
+
+
+def lpips_per_image(model: torch.nn.Module, pred: Tensor, target: Tensor) -> Tensor:
+    return model(pred, target, normalize=True).flatten()  # normalize: [0, 1] -> [-1, 1]
+
+
+def to_unit(images: np.ndarray | Tensor) -> Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1]."""
+    images = torch.as_tensor(images)
+    return images.permute(0, 3, 1, 2).float().div(255)
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(N, 3, H, W) float in [0, 1] -> (N, H, W, 3) uint8, rounded."""
+    return images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def reconstruct_all(model: torch.nn.Module, images: np.ndarray, batch_size: int,
+                    device: torch.device) -> np.ndarray:
+    """uint8 reconstructions of uint8 images (the VAE decodes its posterior mean)."""
+    model = model.eval().to(device)
+    out = np.empty_like(images)
+    for start in tqdm(range(0, len(images), batch_size), desc="reconstruct", unit="batch", leave=False,
+                      disable=None):
+        x = to_unit(images[start: start + batch_size]).to(device)
+        out[start: start + batch_size] = to_uint8(model.reconstruct(x))
+    return out
+
+
+@torch.no_grad()
+def score_images(pred: np.ndarray, target: np.ndarray, batch_size: int, lpips_model: torch.nn.Module | None,
+                 device: torch.device) -> pd.DataFrame:
+    """Per-image psnr, ssim, lpips (NaN when no LPIPS model) of uint8 image arrays."""
+    columns: dict[str, list[Tensor]] = {m: [] for m in METRICS}
+    for start in range(0, len(pred), batch_size):
+        p = to_unit(pred[start: start + batch_size]).to(device)
+        t = to_unit(target[start: start + batch_size]).to(device)
+        columns["psnr"].append(psnr_per_image(p, t).cpu())
+        columns["ssim"].append(ssim_per_image(p, t).cpu())
+        lp = lpips_per_image(lpips_model, p, t).cpu() if lpips_model is not None else torch.full((len(p),), math.nan)
+        columns["lpips"].append(lp)
+    return pd.DataFrame({m: torch.cat(v).double().numpy() for m, v in columns.items()})
+
+
+def mean_interval(values: np.ndarray, samples: int, seed: int) -> dict[str, float]:
+    """Mean, std and a 95% percentile-bootstrap interval of the mean."""
+    from scipy.stats import bootstrap
+
+    values = np.asarray(values, dtype=float)
+    if np.isnan(values).any() or len(values) < 2:
+        nan = math.nan
+        return {"mean": float(np.mean(values)) if len(values) else nan, "std": nan, "ci_low": nan, "ci_high": nan}
+    ci = bootstrap((values,), np.mean, n_resamples=samples, confidence_level=0.95, method="percentile",
+                   rng=np.random.default_rng(seed)).confidence_interval
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)),
+            "ci_low": float(ci.low), "ci_high": float(ci.high)}
+
+
+def summarize(per_image: pd.DataFrame, samples: int, seed: int) -> pd.DataFrame:
+    """One row per (model, metric), plus the paired AE - VAE difference per metric."""
+    rows = []
+    for model, group in per_image.groupby("model", sort=False):
+        for metric in METRICS:
+            rows.append({"model": model, "metric": metric, **mean_interval(group[metric].to_numpy(), samples, seed)})
+    if {"ae", "vae"} <= set(per_image["model"]):
+        paired = per_image.pivot(index="index", columns="model", values=list(METRICS))
+        for metric in METRICS:
+            diff = (paired[metric]["ae"] - paired[metric]["vae"]).to_numpy()
+            rows.append({"model": "ae-vae", "metric": metric, **mean_interval(diff, samples, seed)})
+    return pd.DataFrame(rows)
+
+
+def _json_number(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 6)
+
+
+def write_results(out_dir: Path, per_image: pd.DataFrame, summary: pd.DataFrame, lpips_real: bool) -> dict:
+    """metrics/eval.json (DVC metrics), per_image.csv and summary.csv; returns eval.json's content."""
+    means = {model: {row.metric: _json_number(row.mean) for row in group.itertuples()}
+             for model, group in summary.groupby("model", sort=False) if model != "ae-vae"}
+    result = {"test_images": int(per_image.groupby("model").size().max()), **means,
+              "lpips_available": lpips_real}
+    with atomic_path(out_dir / "per_image.csv") as tmp:
+        per_image.to_csv(tmp, index=False, float_format="%.6f", na_rep="NaN")
+    with atomic_path(out_dir / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False, float_format="%.6f", na_rep="NaN")
+    write_text(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _log_to_runs(models_root: Path, out_dir: Path, summary: pd.DataFrame, lpips_real: bool) -> None:
+    """Test metrics into each model's training run, so MLflow shows params and test scores side by side."""
+    import mlflow
+
+    from aevae import tracking
+    from aevae.models import MODEL_KINDS
+
+    for kind in MODEL_KINDS:
+        rows = summary[summary["model"] == kind]
+        with tracking.resume_run(models_root / kind / tracking.RUN_FILE):
+            mlflow.log_metrics({f"test_{r.metric}": r.mean for r in rows.itertuples() if not math.isnan(r.mean)})
+            mlflow.set_tag("lpips", "real (AlexNet, v0.1)" if lpips_real else "missing: AlexNet weights not found")
+            for name in ("eval.json", "per_image.csv", "summary.csv"):
+                mlflow.log_artifact(str(out_dir / name), artifact_path="eval")
+
+
+def evaluate(params, data_dir: Path, models_root: Path, out_dir: Path) -> dict:
+    """Score both best checkpoints on the test split; write metrics/ and log to the models' runs."""
+    from aevae.data import load_split
+    from aevae.models import MODEL_KINDS, load_model
+    from aevae.train import BEST, pick_device
+
+    device = pick_device(params.train.device)
+    test = load_split(data_dir, "test")
+    models = {kind: load_model(Path(models_root) / kind / BEST, params.data.image_size)[0] for kind in MODEL_KINDS}
+    try:
+        lpips_model = load_lpips(device)
+    except LPIPSUnavailable as err:
+        if params.eval.require_lpips:
+            raise
+        log.warning("%s. LPIPS is recorded as missing (NaN in files, n/a in the report); "
+                    "set eval.require_lpips: true to make this an error.", err)
+        lpips_model = None
+    frames = []
+    for kind, model in models.items():
+        recon = reconstruct_all(model, test, params.eval.batch_size, device)
+        with atomic_path(out_dir / "reconstructions" / f"{kind}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, recon)
+        scores = score_images(recon, test, params.eval.batch_size, lpips_model, device)
+        scores.insert(0, "model", kind)
+        scores.insert(1, "index", np.arange(len(test)))
+        frames.append(scores)
+    per_image = pd.concat(frames, ignore_index=True)
+    summary = summarize(per_image, params.eval.bootstrap_samples, params.seed)
+    result = write_results(out_dir, per_image, summary, lpips_real=lpips_model is not None)
+    _log_to_runs(Path(models_root), out_dir, summary, lpips_real=lpips_model is not None)
+    return result

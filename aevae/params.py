@@ -1,0 +1,114 @@
+"""Typed, validated view of params.yaml, loaded once per stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aevae import AevaeError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a typo such as `learning_rate` into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataParams(_Section):
+    source: Literal["builtin", "folder"] = "builtin"
+    path: str = "data/raw"
+    image_size: int = Field(64, ge=8)
+    builtin_size: int = Field(2000, ge=10)
+    limit: int = Field(0, ge=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataParams:
+        if self.image_size % 8:
+            raise ValueError(
+                f"data.image_size must be a multiple of 8 (three stride-2 convolutions), got {self.image_size}"
+            )
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                "data.val_fraction + data.test_fraction must be below 1 so that some images are left "
+                f"for training, got {self.val_fraction} + {self.test_fraction}"
+            )
+        return self
+
+
+class VAEParams(_Section):
+    latent_dim: int = Field(128, ge=1)
+    beta: float = Field(1.0, ge=0)
+    kl_warmup_epochs: int = Field(0, ge=0)
+
+
+class TrainParams(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(3, ge=0)
+    threads: int = Field(0, ge=0)
+
+
+class EvalParams(_Section):
+    batch_size: int = Field(100, ge=1)
+    bootstrap_samples: int = Field(2000, ge=100)
+    require_lpips: bool = False
+
+
+class ReportParams(_Section):
+    grid_images: int = Field(10, ge=1)
+    samples: int = Field(16, ge=1)
+    interpolation_steps: int = Field(8, ge=2)
+
+
+class Params(_Section):
+    seed: int = 0
+    lr: float = Field(0.002, gt=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=2)  # BatchNorm needs at least two images per batch
+    weight_decay: float = Field(1e-5, ge=0)
+    data: DataParams = DataParams()
+    vae: VAEParams = VAEParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+    report: ReportParams = ReportParams()
+
+    def flat(self) -> dict[str, object]:
+        """`section.key -> value`, the naming DVC and MLflow use."""
+        out: dict[str, object] = {}
+        for key, value in self.model_dump().items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{sub}": v for sub, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+
+def _describe(error: dict, path: Path) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{key}' (a typo?); see the keys documented in params.yaml"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{path}: {key}: {message} (got {error.get('input')!r})"
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml; any problem is an AevaeError naming the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AevaeError(f"{path} not found: run from the repository root or pass --params") from None
+    except yaml.YAMLError as err:
+        raise AevaeError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise AevaeError(f"{path} must be a mapping of keys to values, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise AevaeError("; ".join(_describe(e, path) for e in err.errors())) from None

@@ -1,0 +1,110 @@
+"""MLflow: where runs go, and what each run records. mlflow is imported only when a run starts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from aevae import AevaeError, __version__
+from aevae.files import write_text
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "aevae"
+RUN_FILE = "run.json"
+
+
+def project_root() -> Path:
+    """The repository the user started from, also inside `dvc exp run --temp` and queue workers."""
+    # DVC points DVC_ROOT at the parent repo even when the stage runs in a temporary copy of it.
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else a sqlite store at the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts next to a sqlite store (MLflow's default would be relative to the working directory)."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a tracking server decides where its artifacts go
+    db = Path(unquote(uri.removeprefix("sqlite:///")))  # "sqlite:////abs.db" leaves "/abs.db"
+    return (db.parent.resolve() / "mlartifacts").as_uri()
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def run_tags(data_sha256: str) -> dict[str, str]:
+    import torch
+
+    tags = {
+        "git_commit": git_commit(),
+        "data_sha256": data_sha256,
+        "aevae_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+def _mlflow():
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri))
+    except mlflow.exceptions.MlflowException as err:
+        if "already exists" not in str(err):  # another stage or queue worker created it first
+            raise AevaeError(f"MLflow store {uri} is not usable: {err}") from None
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+@contextmanager
+def start_run(name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Any]:
+    """A new MLflow run named `name`; ended as FAILED/KILLED if the body raises."""
+    mlflow = _mlflow()
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        mlflow.log_params(params)
+        yield run
+
+
+@contextmanager
+def resume_run(run_file: Path) -> Iterator[Any]:
+    """Reopen the run whose id training wrote to `run_file`, so later stages log into it."""
+    try:
+        info = json.loads(Path(run_file).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AevaeError(f"{run_file} not found: run the training stages first (dvc repro)") from None
+    mlflow = _mlflow()
+    try:
+        run = mlflow.start_run(run_id=info["run_id"])
+    except mlflow.exceptions.MlflowException:
+        raise AevaeError(
+            f"MLflow run {info['run_id']} from {run_file} is not in the store {tracking_uri()}: "
+            "was MLFLOW_TRACKING_URI changed since training? Re-train with dvc repro --force"
+        ) from None
+    with run:
+        yield run
+
+
+def write_run_file(path: Path, run: Any) -> None:
+    info = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking_uri()}
+    write_text(path, json.dumps(info, indent=2) + "\n")

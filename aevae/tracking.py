@@ -108,3 +108,17 @@ def resume_run(run_file: Path) -> Iterator[Any]:
 def write_run_file(path: Path, run: Any) -> None:
     info = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking_uri()}
     write_text(path, json.dumps(info, indent=2) + "\n")
+
+
+def log_report(files: list[Path], models_root: Path, data_dir: Path) -> None:
+    """A `report` run holding every report file, tagged with the model runs it summarises."""
+    from aevae.data import read_manifest
+
+    tags = run_tags(read_manifest(data_dir)["sha256"])
+    for kind in ("ae", "vae"):
+        tags[f"{kind}_run_id"] = json.loads((models_root / kind / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
+    with start_run("report", {}, tags):
+        import mlflow
+
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="report")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -107,19 +108,30 @@ def split_sizes(total: int, val_fraction: float, test_fraction: float) -> dict[s
     return sizes
 
 
-def _builtin_photos() -> list[np.ndarray]:
+@functools.cache
+def _builtin_photos() -> tuple[np.ndarray, ...]:
     import skimage.data  # only the built-in source needs scikit-image
 
     photos = []
     for name in BUILTIN_PHOTOS:
         photo = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()
         photos.append(np.ascontiguousarray(photo[..., :3]))
-    return photos
+    return tuple(photos)
 
 
 def _cells(shape: tuple[int, ...], cell: int) -> list[tuple[int, int]]:
     rows, cols = shape[0] // cell, shape[1] // cell
     return [(r * cell, c * cell) for r in range(rows) for c in range(cols)]
+
+
+def builtin_cells(params: DataParams, seed: int) -> tuple[dict[str, list[tuple[int, int, int]]], int]:
+    """Assign whole grid cells (photo, top, left) of the built-in photographs to splits; returns cell side."""
+    cell = params.image_size * 3 // 2  # crops of 0.75x-1.5x the output size: zoom variety, no upscaling blur
+    cells = [(i, y, x) for i, photo in enumerate(_builtin_photos()) for y, x in _cells(photo.shape, cell)]
+    order = np.random.default_rng(seed).permutation(len(cells))
+    n = split_sizes(len(cells), params.val_fraction, params.test_fraction)
+    ranges = {"test": (0, n["test"]), "val": (n["test"], n["test"] + n["val"]), "train": (n["test"] + n["val"], None)}
+    return {split: [cells[k] for k in order[a:b]] for split, (a, b) in ranges.items()}, cell
 
 
 def builtin_crops(params: DataParams, seed: int) -> Iterator[tuple[str, np.ndarray]]:
@@ -128,18 +140,10 @@ def builtin_crops(params: DataParams, seed: int) -> Iterator[tuple[str, np.ndarr
     Each photograph is cut into a grid of cells and whole cells are assigned to a split; a crop never
     crosses its cell, so test images share no pixel with training images.
     """
-    rng = np.random.default_rng(seed)
     size = params.image_size
-    cell = size * 3 // 2  # crops of 0.75x to 1.5x the output size: some zoom variety, no upscaling blur
+    cells_of, cell = builtin_cells(params, seed)
     photos = _builtin_photos()
-    cells = [(i, y, x) for i, photo in enumerate(photos) for y, x in _cells(photo.shape, cell)]
-    order = rng.permutation(len(cells))
-    n_cells = split_sizes(len(cells), params.val_fraction, params.test_fraction)
-    cells_of = {
-        "test": [cells[k] for k in order[: n_cells["test"]]],
-        "val": [cells[k] for k in order[n_cells["test"]: n_cells["test"] + n_cells["val"]]],
-        "train": [cells[k] for k in order[n_cells["test"] + n_cells["val"]:]],
-    }
+    rng = np.random.default_rng([seed, 1])
     n_images = split_sizes(params.builtin_size, params.val_fraction, params.test_fraction)
     for split in SPLITS:
         for _ in range(n_images[split]):

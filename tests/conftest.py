@@ -1,0 +1,75 @@
+"""Fixtures that make tiny real data: images on disk, params files, a synthetic AlexNet checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def write_params(tmp_path):
+    """Write a params.yaml overriding the defaults with `overrides` (nested dicts); returns its path."""
+
+    def write(overrides: dict, name: str = "params.yaml") -> Path:
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                params[key].update(value)
+            else:
+                params[key] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(params))
+        return path
+
+    return write
+
+
+def random_photo(rng: np.random.Generator, h: int = 80, w: int = 100) -> np.ndarray:
+    """A smooth random colour image (upsampled noise), more photo-like than white noise."""
+    small = rng.integers(0, 256, size=(h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC))
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """A folder of `n` good JPEG/PNG images in nested folders."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for i in range(24):
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        ext = "png" if i % 3 else "jpg"
+        Image.fromarray(random_photo(rng)).save(sub / f"img_{i:02d}.{ext}")
+    return root
+
+
+@pytest.fixture
+def fake_alexnet(tmp_path, monkeypatch) -> Path:
+    """A randomly initialised AlexNet checkpoint where torchvision looks for the ImageNet weights.
+
+    Exercises the real LPIPS code offline. Numbers computed with it are NOT LPIPS and are only ever
+    compared with each other (lpips package vs torchmetrics), never reported.
+    """
+    import torchvision
+
+    torch.manual_seed(0)
+    torch_home = tmp_path / "torch_home"
+    path = torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    return path
+
+
+@pytest.fixture
+def offline_torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache, as on a fresh offline machine."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    return tmp_path / "empty_torch_home"

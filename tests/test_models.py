@@ -1,0 +1,105 @@
+import pickle
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence as torch_kl
+
+from aevae import AevaeError
+from aevae.models import (
+    VAE,
+    AutoEncoder,
+    active_units,
+    build_model,
+    conv_decoder,
+    conv_encoder,
+    kl_divergence,
+    load_model,
+    reconstruction_error,
+    save_model,
+)
+
+
+def test_ae_is_the_studys_architecture():
+    ae = AutoEncoder().eval()
+    x = torch.rand(2, 3, 64, 64)
+    assert ae.encoder(x).shape == (2, 256, 8, 8)  # the study's 256x8x8 bottleneck
+    y = ae(x)
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    convs = [m for m in ae.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [
+        (3, 64, (4, 4), (2, 2), (1, 1)), (64, 128, (4, 4), (2, 2), (1, 1)), (128, 256, (4, 4), (2, 2), (1, 1))]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in ae.encoder) == 2  # not after the first conv
+    assert isinstance(ae.decoder[-1], torch.nn.Sigmoid)
+
+
+def test_vae_reuses_the_ae_parts():
+    vae = VAE(image_size=64, latent_dim=16)
+    assert repr(vae.encoder) == repr(conv_encoder()) and repr(vae.decoder) == repr(conv_decoder())
+    x = torch.rand(3, 3, 64, 64)
+    x_hat, mu, logvar = vae(x)
+    assert x_hat.shape == x.shape and mu.shape == logvar.shape == (3, 16)
+    vae.eval()
+    assert torch.equal(vae.reconstruct(x), vae.reconstruct(x))  # posterior mean: deterministic
+
+
+@pytest.mark.parametrize("size", [32, 64, 96])
+def test_models_follow_the_image_size(size):
+    x = torch.rand(2, 3, size, size)
+    for kind in ("ae", "vae"):
+        assert build_model(kind, size, 8).eval().reconstruct(x).shape == x.shape
+
+
+def test_kl_matches_closed_form_and_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(5, 7), torch.randn(5, 7)
+    expected = torch_kl(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum(dim=1)
+    assert torch.allclose(kl_divergence(mu, logvar), expected, atol=1e-5)
+    # Known Gaussian: mu = 1, sigma = 1 in each of 4 dims -> KL = 4 * 0.5 * mu^2 = 2 nats.
+    assert kl_divergence(torch.ones(1, 4), torch.zeros(1, 4)).item() == pytest.approx(2.0)
+    assert kl_divergence(torch.zeros(2, 3), torch.zeros(2, 3)).abs().max() == 0  # the prior itself
+    assert (kl_divergence(mu, logvar) >= 0).all()
+
+
+def test_reconstruction_error_is_a_per_image_sum():
+    x = torch.zeros(2, 3, 4, 4)
+    x_hat = torch.full_like(x, 0.5)
+    assert reconstruction_error(x_hat, x).tolist() == [12.0, 12.0]  # 48 pixels * 0.25
+
+
+def test_active_units_counts_varying_dimensions():
+    mu = torch.zeros(100, 4)
+    mu[:, 0] = torch.linspace(-1, 1, 100)
+    assert active_units(mu) == 1
+
+
+def test_checkpoint_round_trip_and_mismatches(tmp_path):
+    vae = VAE(64, 8)
+    save_model(tmp_path / "vae.pt", vae, "vae", 64, epoch=3)
+    loaded, meta = load_model(tmp_path / "vae.pt", image_size=64)
+    assert meta["epoch"] == 3 and isinstance(loaded, VAE)
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(AevaeError, match="trained on 64px"):
+        load_model(tmp_path / "vae.pt", image_size=32)
+    ae_state = AutoEncoder().state_dict()
+    torch.save({"kind": "vae", "image_size": 64, "latent_dim": 8, "state_dict": ae_state}, tmp_path / "wrong.pt")
+    with pytest.raises(AevaeError, match="does not match the vae architecture"):
+        load_model(tmp_path / "wrong.pt")
+    with pytest.raises(AevaeError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+
+
+class _Exploit:
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))  # unpickling this would create `target`
+
+
+def test_checkpoints_are_loaded_without_running_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"kind": "ae", "payload": _Exploit(tmp_path / "pwned")}, f, protocol=2)
+    with pytest.raises(AevaeError, match="not a loadable aevae checkpoint"):
+        load_model(path)
+    assert not (tmp_path / "pwned").exists()

@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+
+from aevae import AevaeError
+from aevae.params import Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_load_and_match_the_documented_defaults():
+    params = load_params(REPO / "params.yaml")
+    assert params == Params()  # params.yaml and the typed defaults must not drift apart
+    assert params.lr == 0.002 and params.data.image_size == 64
+
+
+def test_flat_names_match_dvc_keys():
+    flat = Params().flat()
+    assert flat["lr"] == 0.002
+    assert flat["vae.beta"] == 1.0
+    assert "data.source" in flat
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),
+        ({"vae": {"betta": 1.0}}, "unknown key 'vae.betta'"),
+        ({"lr": 0}, "lr: Input should be greater than 0"),
+        ({"lr": -1.0}, "lr: Input should be greater than 0"),
+        ({"epochs": "ten"}, "epochs: Input should be a valid integer"),
+        ({"epochs": True}, "epochs: Input should be a valid integer"),
+        ({"data": {"source": "web"}}, "data.source: Input should be 'builtin' or 'folder'"),
+        ({"data": {"image_size": 60}}, "must be a multiple of 8"),
+        ({"data": {"val_fraction": 0.5, "test_fraction": 0.5}}, "must be below 1"),
+    ],
+)
+def test_bad_params_are_rejected_with_the_key_named(write_params, overrides, message):
+    with pytest.raises(AevaeError) as err:
+        load_params(write_params(overrides))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(AevaeError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [0.1\n")
+    with pytest.raises(AevaeError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(AevaeError, match="must be a mapping"):
+        load_params(bad)

@@ -1,0 +1,161 @@
+"""The real pipeline: `dvc repro` and `dvc exp run` in a temporary copy of the repository, on tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio
+
+from aevae.report import GAP, TILE_SCALE
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"epochs": 1, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 80},
+        "vae": {"latent_dim": 16}, "eval": {"bootstrap_samples": 200}}
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """The venv first on PATH (stage commands call `python`), no LPIPS weights, no network."""
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", TORCH_HOME=str(torch_home),
+               https_proxy="http://127.0.0.1:9", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, env) -> Path:
+    """A git + DVC copy of the working tree with tiny params, after one `dvc repro`."""
+    dst = tmp_path_factory.mktemp("repo")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    skip = ("dvc.lock", "models/", "metrics/", "data/prepared", "reports/")
+    for name in filter(None, listed):
+        if name.startswith(skip) or not (REPO / name).exists():
+            continue
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dst / name)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    for key, value in TINY.items():
+        params[key] = {**params[key], **value} if isinstance(value, dict) else value
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], dst, env)
+    run(["git", "add", "-A"], dst, env)
+    run(["git", "commit", "-qm", "tiny"], dst, env)
+    run(["dvc", "repro"], dst, env)
+    return dst
+
+
+def runs(repo: Path) -> pd.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")  # the default store: mlflow.db at the repo root
+    return mlflow.search_runs(experiment_names=["aevae"])
+
+
+def test_repro_writes_every_output(repo):
+    for path in ("data/prepared/manifest.json", "models/ae/best.pt", "models/vae/last.pt", "models/ae/history.csv",
+                 "metrics/eval.json", "metrics/per_image.csv", "metrics/summary.csv", "metrics/reconstructions/vae.npy",
+                 "reports/grid.png", "reports/curves.png", "reports/samples.png", "reports/worst.png",
+                 "reports/metrics.csv", "reports/report.md", "reports/report.html"):
+        assert (repo / path).is_file(), path
+    result = json.loads((repo / "metrics/eval.json").read_text())
+    assert set(result) == {"test_images", "ae", "vae", "lpips_available"}
+    assert result["test_images"] == 8
+    for kind in ("ae", "vae"):
+        assert set(result[kind]) == {"psnr", "ssim", "lpips"}
+        assert result[kind]["lpips"] is None  # no AlexNet weights here: missing, not made up
+    assert result["lpips_available"] is False
+    html = (repo / "reports/report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and "PSNR (dB)" in html
+    table = pd.read_csv(repo / "reports/metrics.csv", keep_default_na=False)
+    assert list(table["Metric"]) == ["PSNR (dB)", "SSIM", "LPIPS"] and {"AE", "VAE"} <= set(table.columns)
+    assert (table.loc[2, ["AE", "VAE"]] == "n/a").all()
+
+
+def test_per_image_scores_recompute_from_the_saved_reconstructions(repo):
+    per_image = pd.read_csv(repo / "metrics/per_image.csv")
+    assert list(per_image.columns) == ["model", "index", "psnr", "ssim", "lpips"]
+    test = np.load(repo / "data/prepared/test.npy")
+    result = json.loads((repo / "metrics/eval.json").read_text())
+    for kind in ("ae", "vae"):
+        recon = np.load(repo / f"metrics/reconstructions/{kind}.npy")
+        rows = per_image[per_image["model"] == kind]
+        assert len(rows) == len(test) == len(recon)
+        for row in rows.itertuples():
+            expected = peak_signal_noise_ratio(test[row.index] / 255, recon[row.index] / 255, data_range=1.0)
+            assert row.psnr == pytest.approx(expected, abs=1e-4)
+        assert result[kind]["psnr"] == pytest.approx(rows["psnr"].mean(), abs=1e-5)
+        assert result[kind]["ssim"] == pytest.approx(rows["ssim"].mean(), abs=1e-5)
+
+
+def test_grid_shows_ground_truth_ae_and_vae_tiles_without_blur(repo):
+    grid = np.asarray(Image.open(repo / "reports/grid.png").convert("RGB"))
+    test = np.load(repo / "data/prepared/test.npy")
+    rows = [test] + [np.load(repo / f"metrics/reconstructions/{k}.npy") for k in ("ae", "vae")]
+    picks = np.sort(np.random.default_rng(0).choice(len(test), size=min(10, len(test)), replace=False))
+    tile = test.shape[1] * TILE_SCALE
+    height, width = grid.shape[:2]
+    left = width - GAP - len(picks) * (tile + GAP)  # the label column's width
+    top = height - GAP - 3 * (tile + GAP)  # the column titles' height
+    assert left > 20 and top > 10
+    for r, images in enumerate(rows):
+        for c, index in enumerate(picks):
+            y, x = top + GAP + r * (tile + GAP), left + c * (tile + GAP)
+            expected = np.kron(images[index], np.ones((TILE_SCALE, TILE_SCALE, 1), dtype=np.uint8))
+            assert np.array_equal(grid[y: y + tile, x: x + tile], expected), (r, c)
+
+
+def test_mlflow_has_both_model_runs_and_the_report(repo):
+    frame = runs(repo)
+    names = sorted(frame["tags.mlflow.runName"])
+    assert names == ["ae", "report", "vae"]
+    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    for kind in ("ae", "vae"):
+        row = frame[frame["tags.mlflow.runName"] == kind].iloc[0]
+        assert row["status"] == "FINISHED"
+        assert row["params.lr"] == "0.002" and row["params.data.image_size"] == "32"
+        assert row["tags.data_sha256"] == manifest["sha256"]
+        assert np.isfinite(row["metrics.test_psnr"]) and np.isfinite(row["metrics.test_ssim"])
+        assert np.isfinite(row["metrics.val_loss"])
+        run_id = json.loads((repo / f"models/{kind}/run.json").read_text())["run_id"]
+        assert row["run_id"] == run_id
+    report = frame[frame["tags.mlflow.runName"] == "report"].iloc[0]
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert "report/grid.png" in {a.path for a in client.list_artifacts(report["run_id"], "report")}
+    assert (repo / "mlartifacts").is_dir()  # artifacts next to the store, not in the working directory
+
+
+def test_second_repro_does_nothing(repo, env):
+    out = run(["dvc", "repro"], repo, env).stdout
+    assert "Running stage" not in out and "up to date" in out
+
+
+def test_exp_run_with_a_param_override_retrains_both_models(repo, env):
+    before = len(runs(repo))
+    out = run(["dvc", "exp", "run", "-n", "lr-test", "-S", "lr=0.001", "-S", "epochs=1"], repo, env).stdout
+    assert "Running stage 'train_ae'" in out and "Running stage 'train_vae'" in out
+    assert "Running stage 'prepare'" not in out  # the data does not depend on lr
+    frame = runs(repo)
+    assert len(frame) == before + 3
+    new = frame[frame["params.lr"] == "0.001"]
+    assert sorted(new["tags.mlflow.runName"]) == ["ae", "vae"]
+    assert set(new["tags.dvc_exp_name"]) == {"lr-test"}
+    shown = run(["dvc", "exp", "show", "--json"], repo, env).stdout
+    assert "lr-test" in shown

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -19,11 +20,13 @@ def run(command: click.Command) -> None:
     """Invoke a click command; AevaeError becomes `Error: ...` and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    # SIGTERM (kill, a scheduler's timeout) takes the same clean path as Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with logging_redirect_tqdm():
             command.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("Interrupted: the last complete checkpoint and outputs are kept.", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()
@@ -31,6 +34,7 @@ def run(command: click.Command) -> None:
     except AevaeError as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("Interrupted: outputs written so far are kept.", err=True)
-        sys.exit(130)
+    except OSError as err:  # e.g. an output folder that cannot be created: no traceback for that either
+        where = f" ({err.filename})" if err.filename else ""
+        click.echo(f"Error: {err.strerror or err}{where}; check the path, free space and permissions", err=True)
+        sys.exit(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,12 @@ def save_model(path: Path, model: AutoEncoder | VAE, kind: str, image_size: int,
     """Weights plus what is needed to rebuild the model; written atomically."""
     checkpoint = {"kind": kind, "image_size": image_size, "latent_dim": getattr(model, "latent_dim", 0),
                   "state_dict": model.state_dict(), **extra}
+    # Serialised in memory first: torch's zip writer reports a failed write (disk full) as an opaque
+    # RuntimeError, a plain file write reports it as the OSError it is.
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_model(path: Path, image_size: int | None = None) -> tuple[AutoEncoder | VAE, dict[str, Any]]:

@@ -78,12 +78,22 @@ def _mlflow():
 
 
 @contextmanager
-def start_run(name: str, params: dict[str, Any], tags: dict[str, str]) -> Iterator[Any]:
-    """A new MLflow run named `name`; ended as FAILED/KILLED if the body raises."""
+def start_run(name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> Iterator[Any]:
+    """A new MLflow run named `name` (or the run `run_id`, continued); ended KILLED on Ctrl-C/SIGTERM and
+    FAILED on any other error, so no run is left RUNNING."""
     mlflow = _mlflow()
-    with mlflow.start_run(run_name=name, tags=tags) as run:
-        mlflow.log_params(params)
+    run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=name, tags=tags)
+    try:
+        if not run_id:
+            mlflow.log_params(params)
         yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
 
 
 @contextmanager

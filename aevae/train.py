@@ -107,6 +107,8 @@ def run_epoch(model: AutoEncoder | VAE, images: Tensor, params: Params, device: 
     with torch.set_grad_enabled(training):
         for x in bar:
             terms = losses(model, x, beta)
+            if not torch.isfinite(terms["loss"]):
+                raise FloatingPointError(f"loss is {terms['loss'].item()} in batch {bar.n + 1}")
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
@@ -140,8 +142,32 @@ def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
         writer.writerows(rows)
 
 
+def stage_params(kind: str, params: Params) -> dict[str, object]:
+    """The params a training stage reads (dvc.yaml lists the same), as logged to MLflow."""
+    return {k: v for k, v in params.flat().items()
+            if not k.startswith(("eval.", "report.")) and (kind == "vae" or not k.startswith("vae."))}
+
+
+def _load_resumable(path: Path, kind: str, fingerprint: dict) -> dict | None:
+    """The state in last.pt when it is an unfinished run of this very configuration, else None."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a corrupt or foreign file: start over rather than trust it
+        log.warning("ignoring %s (%s: %s); training from scratch", path, type(err).__name__, err)
+        return None
+    if state.get("kind") != kind or state.get("fingerprint") != fingerprint or state.get("complete", True):
+        return None
+    return state
+
+
 def train(kind: str, params: Params, data_dir: Path, out_dir: Path) -> list[dict[str, float]]:
-    """Train one model, writing best.pt, last.pt, history.csv and run.json to `out_dir`."""
+    """Train one model, writing best.pt, last.pt, history.csv and run.json to `out_dir`.
+
+    last.pt holds the full state after every epoch; if it belongs to an unfinished run with the same
+    params and data (a crash, a kill), training resumes from it and logs into the same MLflow run.
+    """
     from aevae import tracking
 
     out_dir = Path(out_dir)
@@ -164,39 +190,55 @@ def train(kind: str, params: Params, data_dir: Path, out_dir: Path) -> list[dict
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=params.train.plateau_factor, patience=params.train.plateau_patience)
     generator = torch.Generator().manual_seed(params.seed)
+    logged_params = stage_params(kind, params)
+    fingerprint = {"params": logged_params, "data_sha256": manifest["sha256"]}
+
+    history: list[dict[str, float]] = []
+    best_val, first_epoch, run_id = math.inf, 1, None
+    state = _load_resumable(out_dir / LAST, kind, fingerprint)
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best_val, run_id = state["history"], state["best_val"], state["run_id"]
+        first_epoch = state["epoch"] + 1
+        log.info("%s: resuming after epoch %d from %s (MLflow run %s)", kind, state["epoch"], out_dir / LAST, run_id)
     log.info("%s: %d train / %d val images of %dpx on %s, %d epochs", kind, len(train_x), len(val_x),
              image_size, device, params.epochs)
 
-    stage_params = {k: v for k, v in params.flat().items()
-                    if not k.startswith(("eval.", "report.")) and (kind == "vae" or not k.startswith("vae."))}
-    history: list[dict[str, float]] = []
-    best_val = math.inf
-    with tracking.start_run(kind, stage_params, tracking.run_tags(manifest["sha256"])) as run:
+    with tracking.start_run(kind, logged_params, tracking.run_tags(manifest["sha256"]), run_id=run_id) as run:
         import mlflow
 
         tracking.write_run_file(out_dir / tracking.RUN_FILE, run)
-        epochs = tqdm(range(1, params.epochs + 1), desc=f"train {kind}", unit="epoch")
+        epochs = tqdm(range(first_epoch, params.epochs + 1), desc=f"train {kind}", unit="epoch",
+                      initial=first_epoch - 1, total=params.epochs)
         for epoch in epochs:
             beta = kl_weight(params, epoch)
             lr = optimizer.param_groups[0]["lr"]
-            train_terms = run_epoch(model, train_x, params, device, beta, optimizer, generator, desc="train")
-            # Validation always weighs KL by the final beta, so val_loss is comparable across epochs.
-            val_terms = run_epoch(model, val_x, params, device, params.vae.beta, desc="val")
-            if not all(math.isfinite(v) for v in (train_terms["loss"], val_terms["loss"])):
-                raise AevaeError(
-                    f"{kind} training diverged at epoch {epoch} (loss is NaN/Inf, lr {lr:g}); "
-                    f"last good checkpoint: {out_dir / BEST if history else 'none'}; lower lr and run again")
+            try:
+                train_terms = run_epoch(model, train_x, params, device, beta, optimizer, generator, desc="train")
+                # Validation always weighs KL by the final beta, so val_loss is comparable across epochs.
+                val_terms = run_epoch(model, val_x, params, device, params.vae.beta, desc="val")
+            except FloatingPointError as err:
+                last_good = f"{out_dir / LAST} (epoch {epoch - 1})" if epoch > 1 else "none"
+                raise AevaeError(f"{kind} training diverged in epoch {epoch}: {err} at lr {lr:g}; last good "
+                                 f"checkpoint: {last_good}; lower lr and run again") from None
             scheduler.step(val_terms["loss"])
             row = _history_row(epoch, lr, beta, train_terms, val_terms)
             history.append(row)
-            _write_history(out_dir / HISTORY, history)
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             if val_terms["loss"] < best_val:
                 best_val = val_terms["loss"]
                 save_model(out_dir / BEST, model, kind, image_size, epoch=epoch, val_loss=best_val)
+            _write_history(out_dir / HISTORY, history)
+            # Metrics before last.pt: a kill in between repeats this epoch's point instead of losing it.
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             save_model(out_dir / LAST, model, kind, image_size, epoch=epoch, val_loss=val_terms["loss"],
-                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                       generator=generator.get_state(), torch_rng=torch.get_rng_state(), run_id=run.info.run_id)
+                       best_val=best_val, history=history, fingerprint=fingerprint, run_id=run.info.run_id,
+                       complete=epoch == params.epochs, optimizer=optimizer.state_dict(),
+                       scheduler=scheduler.state_dict(), generator=generator.get_state(),
+                       torch_rng=torch.get_rng_state())
             epochs.set_postfix(train=f"{train_terms['loss']:.4g}", val=f"{val_terms['loss']:.4g}")
             log.info("%s epoch %d/%d  %s", kind, epoch, params.epochs,
                      "  ".join(f"{k}={v:.5g}" for k, v in row.items() if k != "epoch"))

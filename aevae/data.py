@@ -32,8 +32,13 @@ _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBo
                Image.DecompressionBombWarning)
 
 
-class UnreadableImage(Exception):
+class UnusableImage(Exception):
     """A file that is not a usable image; the message is the reason recorded in the manifest."""
+
+
+def min_side(image_size: int) -> int:
+    """Smaller images would be upscaled more than 4x into a blur, so they are skipped."""
+    return max(1, image_size // 4)
 
 
 @dataclass
@@ -71,9 +76,12 @@ def load_image(path: Path, image_size: int) -> np.ndarray:
                 img.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale, much faster
                 img.load()
                 img = to_rgb(ImageOps.exif_transpose(img))
+        if min(img.size) < min_side(image_size):
+            raise UnusableImage(f"too small: {img.width}x{img.height} px, at least {min_side(image_size)} px "
+                                f"per side needed for {image_size}px images")
         img = ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC)
     except _UNREADABLE as err:
-        raise UnreadableImage(f"{type(err).__name__}: {err}") from None
+        raise UnusableImage(f"{type(err).__name__}: {err}") from None
     return np.asarray(img, dtype=np.uint8)
 
 
@@ -191,7 +199,7 @@ def _prepare_folder(params: DataParams, seed: int, out: Path) -> Prepared:
                 break
             try:
                 staging[good] = load_image(path, params.image_size)
-            except UnreadableImage as err:
+            except UnusableImage as err:
                 skipped.append({"path": path.relative_to(root).as_posix(), "reason": str(err)})
                 bar.set_postfix(skipped=len(skipped))
                 continue

@@ -8,6 +8,7 @@ from PIL import Image
 from aevae import AevaeError
 from aevae.data import builtin_cells, load_image, load_split, prepare, split_sizes
 from aevae.params import DataParams
+from tests.conftest import random_photo
 
 
 def folder_params(root, **kw):
@@ -125,3 +126,38 @@ def test_a_failed_prepare_keeps_the_previous_output(image_folder, tmp_path):
     with pytest.raises(AevaeError):
         prepare(folder_params(tmp_path / "missing"), seed=0, out=out)
     assert json.loads((out / "manifest.json").read_text())["sha256"] == before.sha256
+
+
+def make_bomb(path):
+    """A tiny file that declares 14000x14000 pixels (196M, over twice Pillow's limit)."""
+    Image.new("1", (14000, 14000)).save(path)
+
+
+def test_hostile_and_odd_files_are_skipped_with_reasons_or_used(image_folder, tmp_path):
+    rng = np.random.default_rng(5)
+    photo = Image.fromarray(random_photo(rng))
+    make_bomb(image_folder / "bomb.png")
+    Image.new("RGB", (1, 1), "red").save(image_folder / "dot.png")
+    photo.save(image_folder / "été à la plage.jpg")  # non-ASCII and spaces
+    photo.convert("CMYK").save(image_folder / "cmyk.jpg")
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.info["transparency"] = 0
+    palette.save(image_folder / "palette.gif", transparency=0)
+    Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257)).save(image_folder / "deep16.png")
+    out = tmp_path / "prepared"
+    manifest_skipped = {s["path"]: s["reason"] for s in (prepare(folder_params(image_folder), 0, out).skipped)}
+    assert "DecompressionBomb" in manifest_skipped["bomb.png"]
+    assert "too small: 1x1" in manifest_skipped["dot.png"]
+    assert set(manifest_skipped) == {"bomb.png", "dot.png"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(manifest["counts"].values()) == 24 + 4  # the four odd but valid images are used
+
+
+def test_too_few_images_for_the_splits_is_a_clear_error(tmp_path):
+    root = tmp_path / "few"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(random_photo(rng)).save(root / f"{i}.png")
+    with pytest.raises(AevaeError, match="3 usable images are too few"):
+        prepare(folder_params(root), seed=0, out=tmp_path / "out")

@@ -1,0 +1,64 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from aevae import tracking
+
+WRITER = """
+import sys
+import mlflow
+from aevae import tracking
+n = int(sys.argv[1])
+with tracking.start_run(f"w{n}", {"worker": n}, {"kind": "load"}):
+    for step in range(25):
+        mlflow.log_metrics({"a": float(step), "b": float(n)}, step=step)
+"""
+
+
+def test_store_is_at_the_dvc_root_even_inside_a_temporary_experiment_copy(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    monkeypatch.chdir(tmp_path)  # a stage of `dvc exp run --temp` runs in a copy elsewhere
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_artifacts_go_next_to_a_sqlite_store(tmp_path):
+    assert tracking._artifact_location(f"sqlite:///{tmp_path}/x/mlflow.db") == (tmp_path / "x" / "mlartifacts").as_uri()
+    assert tracking._artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_parallel_writers_on_a_new_store_lose_nothing(tmp_path):
+    """Queue workers starting at once on a fresh sqlite store (the schema migration race)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(n)], env=env, stderr=subprocess.PIPE, text=True)
+             for n in range(5)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT])
+    assert sorted(runs["tags.mlflow.runName"]) == [f"w{n}" for n in range(5)]
+    assert set(runs["status"]) == {"FINISHED"}
+    client = mlflow.MlflowClient(uri)
+    assert all(len(client.get_metric_history(r, "a")) == 25 for r in runs["run_id"])
+
+
+def test_a_run_is_marked_failed_when_its_body_raises(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(ValueError):
+        with tracking.start_run("boom", {}, {}) as run:
+            raise ValueError("x")
+    assert mlflow.MlflowClient(uri).get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_resume_run_needs_the_run_file(tmp_path):
+    with pytest.raises(tracking.AevaeError, match="run the training stages first"):
+        with tracking.resume_run(Path(tmp_path) / "run.json"):
+            pass

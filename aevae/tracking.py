@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -48,12 +49,22 @@ def git_commit(cwd: Path | None = None) -> str:
     return out.stdout.strip()
 
 
-def run_tags(data_sha256: str) -> dict[str, str]:
+def pipeline_id(params: dict[str, Any]) -> str:
+    """What groups the runs of one pipeline execution: the DVC experiment, else commit + params."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{git_commit()[:8]}-{digest}"
+
+
+def run_tags(data_sha256: str, params: dict[str, Any]) -> dict[str, str]:
+    """Tags of every run: provenance (commit, data, versions) and the DVC experiment it belongs to."""
     import torch
 
     tags = {
         "git_commit": git_commit(),
         "data_sha256": data_sha256,
+        "pipeline": pipeline_id(params),
         "aevae_version": __version__,
         "torch_version": torch.__version__,
     }
@@ -132,11 +143,11 @@ def write_run_file(path: Path, run: Any) -> None:
     write_text(path, json.dumps(info, indent=2) + "\n")
 
 
-def log_report(files: list[Path], models_root: Path, data_dir: Path) -> None:
+def log_report(files: list[Path], models_root: Path, data_dir: Path, params: dict[str, Any]) -> None:
     """A `report` run holding every report file, tagged with the model runs it summarises."""
     from aevae.data import read_manifest
 
-    tags = run_tags(read_manifest(data_dir)["sha256"])
+    tags = run_tags(read_manifest(data_dir)["sha256"], params)
     for kind in ("ae", "vae"):
         tags[f"{kind}_run_id"] = json.loads((models_root / kind / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
     with start_run("report", {}, tags):
@@ -144,3 +155,33 @@ def log_report(files: list[Path], models_root: Path, data_dir: Path) -> None:
 
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="report")
+
+
+COMPARE_PARAMS = ("lr", "epochs", "batch_size", "vae.beta", "vae.latent_dim", "data.source")
+
+
+def compare_runs(experiment: str = EXPERIMENT) -> "pd.DataFrame":
+    """One row per model run: its DVC experiment, key params and test metrics, oldest first."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        runs = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time ASC"])
+    except mlflow.exceptions.MlflowException as err:
+        raise AevaeError(f"cannot read MLflow store {tracking_uri()}: {err}".replace("\n", " ")) from None
+    if runs.empty:
+        return pd.DataFrame()
+    runs = runs[runs["tags.mlflow.runName"].isin(["ae", "vae"])].reset_index(drop=True)
+    table = pd.DataFrame({
+        "run_id": runs["run_id"].str[:8],
+        "model": runs["tags.mlflow.runName"],
+        "pipeline": runs.get("tags.pipeline"),
+        "status": runs["status"],
+        "started": runs["start_time"].dt.strftime("%Y-%m-%d %H:%M"),
+    })
+    for key in COMPARE_PARAMS:
+        table[key] = runs.get(f"params.{key}")
+    for metric in ("test_psnr", "test_ssim", "test_lpips", "best_val_loss"):
+        table[metric] = runs.get(f"metrics.{metric}", float("nan"))
+    return table

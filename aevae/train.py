@@ -208,7 +208,7 @@ def train(kind: str, params: Params, data_dir: Path, out_dir: Path) -> list[dict
     log.info("%s: %d train / %d val images of %dpx on %s, %d epochs", kind, len(train_x), len(val_x),
              image_size, device, params.epochs)
 
-    with tracking.start_run(kind, logged_params, tracking.run_tags(manifest["sha256"]), run_id=run_id) as run:
+    with tracking.start_run(kind, logged_params, tracking.run_tags(manifest["sha256"], params.flat()), run_id=run_id) as run:
         import mlflow
 
         tracking.write_run_file(out_dir / tracking.RUN_FILE, run)

@@ -25,7 +25,7 @@ def main(params_file: str, data_dir: str, models_root: str, metrics_dir: str, ou
 
     params = load_params(params_file)
     files = build_report(params, Path(data_dir), Path(models_root), Path(metrics_dir), Path(out))
-    tracking.log_report(files, Path(models_root), Path(data_dir))
+    tracking.log_report(files, Path(models_root), Path(data_dir), params.flat())
     log.info("wrote %s: %s", out, ", ".join(p.name for p in files))
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -159,3 +162,107 @@ def test_exp_run_with_a_param_override_retrains_both_models(repo, env):
     assert set(new["tags.dvc_exp_name"]) == {"lr-test"}
     shown = run(["dvc", "exp", "show", "--json"], repo, env).stdout
     assert "lr-test" in shown
+
+
+def exp_metrics(repo: Path, env: dict[str, str]) -> dict[str, dict]:
+    """`dvc exp show --json` as {experiment name: eval.json content}."""
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                metrics = ((rev.get("data") or {}).get("metrics") or {}).get("metrics/eval.json", {})
+                if exp.get("name") and "data" in metrics:
+                    found[exp["name"]] = metrics["data"]
+    return found
+
+
+def test_temp_and_queued_experiments_land_in_the_one_store(repo, env):
+    run(["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "lr=0.003"], repo, env)
+    for name, lr in (("queued-a", "0.004"), ("queued-b", "0.005")):
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"lr={lr}"], repo, env)
+    run(["dvc", "queue", "start", "-j", "2"], repo, env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert "Failed" not in status, status
+    frame = runs(repo)
+    for name, lr in (("temp-exp", "0.003"), ("queued-a", "0.004"), ("queued-b", "0.005")):
+        rows = frame[frame["tags.dvc_exp_name"] == name]
+        assert sorted(rows["tags.mlflow.runName"]) == ["ae", "report", "vae"], name
+        assert set(rows["status"]) == {"FINISHED"}
+        assert set(rows.loc[rows["tags.mlflow.runName"] != "report", "params.lr"]) == {lr}
+        assert set(rows["tags.pipeline"]) == {name}  # one tag finds all runs of the execution
+    assert not list(repo.glob(".dvc/tmp/exps/**/mlflow.db"))  # nothing was left in DVC's temporary copies
+    assert {"temp-exp", "queued-a", "queued-b"} <= set(exp_metrics(repo, env))
+
+
+def test_compare_prints_the_numbers_dvc_exp_show_has(repo, env):
+    out = run(["aevae", "compare", "--csv", "compare.csv"], repo, env)
+    assert "test_psnr" in out.stdout
+    table = pd.read_csv(repo / "compare.csv")
+    shown = exp_metrics(repo, env)
+    for name in ("temp-exp", "queued-a", "queued-b"):
+        for kind in ("ae", "vae"):
+            row = table[(table["pipeline"] == name) & (table["model"] == kind)].iloc[0]
+            assert row["test_psnr"] == pytest.approx(shown[name][kind]["psnr"], abs=1e-5)
+            assert row["test_ssim"] == pytest.approx(shown[name][kind]["ssim"], abs=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, env):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", (tmp_path / "server-artifacts").as_uri(), "--workers", "1"],
+        env={**env, "https_proxy": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.communicate()[1][-2000:]
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_pipeline_logs_to_a_tracking_server_unchanged(repo, env, mlflow_server):
+    server_env = {**env, "MLFLOW_TRACKING_URI": mlflow_server, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    run(["dvc", "exp", "run", "-n", "on-server", "-S", "lr=0.0015"], repo, server_env)
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("aevae")
+    found = client.search_runs([experiment.experiment_id], "tags.dvc_exp_name = 'on-server'")
+    assert sorted(r.info.run_name for r in found) == ["ae", "report", "vae"]
+    ae = next(r for r in found if r.info.run_name == "ae")
+    assert ae.data.params["lr"] == "0.0015" and "test_psnr" in ae.data.metrics
+    assert "checkpoints/best.pt" in {a.path for a in client.list_artifacts(ae.info.run_id, "checkpoints")}
+
+
+def test_a_dvc_remote_shares_data_and_models(repo, env, tmp_path):
+    run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], repo, env)
+    run(["dvc", "push"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "results"], repo, env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    run(["dvc", "pull"], clone, env)
+    for path in ("data/prepared/train.npy", "models/vae/best.pt", "metrics/reconstructions/ae.npy", "reports/grid.png"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    assert "up to date" in run(["dvc", "status"], clone, env).stdout

@@ -10,6 +10,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator
+from typing import BinaryIO
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,21 +169,23 @@ def builtin_crops(params: DataParams, seed: int) -> Iterator[tuple[str, np.ndarr
 # --------------------------------------------------------------------------- prepare
 
 
-def _new_array(path: Path, n: int, size: int) -> np.memmap:
-    # Written straight to disk so memory stays at one image, whatever the data set size.
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+def _open_npy(path: Path, n: int, size: int) -> BinaryIO:
+    """An .npy file for (n, size, size, 3) uint8 rows, header written; rows are appended in order."""
+    f = open(path, "wb")
+    np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, size, size, 3)})
+    return f
 
 
 def _prepare_builtin(params: DataParams, seed: int, out: Path) -> Prepared:
     counts = split_sizes(params.builtin_size, params.val_fraction, params.test_fraction)
-    arrays = {s: _new_array(out / f"{s}.npy", n, params.image_size) for s, n in counts.items()}
-    filled = dict.fromkeys(SPLITS, 0)
-    for split, image in tqdm(builtin_crops(params, seed), total=params.builtin_size, desc="prepare builtin",
-                             unit="img"):
-        arrays[split][filled[split]] = image
-        filled[split] += 1
-    for array in arrays.values():
-        array.flush()
+    files = {split: _open_npy(out / f"{split}.npy", n, params.image_size) for split, n in counts.items()}
+    try:
+        for split, image in tqdm(builtin_crops(params, seed), total=params.builtin_size, desc="prepare builtin",
+                                 unit="img"):
+            files[split].write(image.tobytes())
+    finally:
+        for f in files.values():
+            f.close()
     return Prepared(counts=counts)
 
 
@@ -191,14 +194,18 @@ def _prepare_folder(params: DataParams, seed: int, out: Path) -> Prepared:
     files = list_files(root)
     files = [files[k] for k in np.random.default_rng(seed).permutation(len(files))]
     wanted = min(len(files), params.limit or len(files))
-    staging = _new_array(out / "all.npy", max(wanted, 1), params.image_size)
+    size = params.image_size
+    row_bytes = size * size * 3
     good, skipped = 0, []
-    with tqdm(total=wanted, desc=f"prepare {root}", unit="img") as bar:
+    # Rows go straight to disk, in order, and are copied to the split files in chunks below: memory
+    # stays at one image and one chunk whatever the number of images (no memory map either, whose
+    # pages would count against the process).
+    with open(out / "all.raw", "wb") as staging, tqdm(total=wanted, desc=f"prepare {root}", unit="img") as bar:
         for path in files:
             if good == wanted:
                 break
             try:
-                staging[good] = load_image(path, params.image_size)
+                staging.write(load_image(path, size).tobytes())
             except UnusableImage as err:
                 skipped.append({"path": path.relative_to(root).as_posix(), "reason": str(err)})
                 bar.set_postfix(skipped=len(skipped))
@@ -207,17 +214,18 @@ def _prepare_folder(params: DataParams, seed: int, out: Path) -> Prepared:
             bar.update()
     if good == 0:
         raise AevaeError(f"data.path '{root}' holds no readable image ({len(files)} files tried, "
-                         f"{len(skipped)} unreadable): add JPEG/PNG/WebP/BMP images")
+                         f"{len(skipped)} unusable): add JPEG/PNG/WebP/BMP images")
     counts = split_sizes(good, params.val_fraction, params.test_fraction)
-    # The files are already in seeded random order, so consecutive ranges are a random split.
-    start = 0
-    for split in ("test", "val", "train"):
-        array = _new_array(out / f"{split}.npy", counts[split], params.image_size)
-        array[:] = staging[start: start + counts[split]]
-        array.flush()
-        start += counts[split]
-    del staging
-    (out / "all.npy").unlink()
+    # The files were taken in seeded random order, so consecutive ranges are a random split.
+    with open(out / "all.raw", "rb") as staging:
+        for split in ("test", "val", "train"):
+            with _open_npy(out / f"{split}.npy", counts[split], size) as f:
+                remaining = counts[split] * row_bytes
+                while remaining:
+                    chunk = staging.read(min(remaining, 1 << 26))
+                    f.write(chunk)
+                    remaining -= len(chunk)
+    (out / "all.raw").unlink()
     return Prepared(counts=counts, skipped=skipped)
 
 

@@ -1,0 +1,308 @@
+"""Benchmark aevae against the plain PyTorch loop of the study's notebook, on this machine, in one run.
+
+    python bench/run.py            # about 6 minutes on a 2-core CPU; writes bench/results.md
+    python bench/run.py --quick    # a smaller smoke run, results not written
+
+Every figure is measured here, now; each measurement runs in its own process so that its peak memory
+(max RSS) is its own. Ratios are ours / baseline, so above 1 means faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out"
+
+
+# --------------------------------------------------------------------------- measurements (child side)
+
+
+def _train_images(n: int):
+    from aevae.data import load_split
+
+    return load_split(OUT / "prepared", "train")[:n]
+
+
+def measure_train_ours(kind: str, n: int, precision: str = "fp32") -> dict:
+    """aevae's training epoch: uint8 tensors in memory, channels_last batches."""
+    import torch
+
+    from aevae.params import Params, TrainParams
+    from aevae.train import make_optimizer, run_epoch, to_tensor
+
+    images = to_tensor(_train_images(n))
+    params = Params(train=TrainParams(precision=precision))
+    torch.manual_seed(0)
+    from aevae.models import build_model
+
+    model = build_model(kind).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, params)
+    generator = torch.Generator().manual_seed(0)
+    run_epoch(model, images[:128], params, torch.device("cpu"), 1.0, optimizer, generator)  # warm-up
+    start = time.perf_counter()
+    run_epoch(model, images, params, torch.device("cpu"), 1.0, optimizer, generator)
+    return {"images_per_s": len(images) / (time.perf_counter() - start)}
+
+
+def measure_train_baseline(kind: str, n: int) -> dict:
+    """The notebook's loop: ImageFolder decoding PNGs every epoch, DataLoader, the same model and Adam."""
+    import torch
+    import torchvision
+    from torch.utils.data import DataLoader, Subset
+
+    from aevae.models import build_model
+
+    dataset = torchvision.datasets.ImageFolder(str(OUT / "folder"), transform=torchvision.transforms.ToTensor())
+    torch.manual_seed(0)
+    model = build_model(kind)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.002, weight_decay=1e-5)
+
+    def epoch(data) -> None:
+        model.train()
+        for x, _ in DataLoader(data, batch_size=64, shuffle=True):
+            out = model(x)
+            if isinstance(out, tuple):  # VAE: the same loss as ours
+                x_hat, mu, logvar = out
+                loss = ((x_hat - x) ** 2).flatten(1).sum(1).mean() + (
+                    -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)).mean()
+            else:
+                loss = torch.nn.functional.mse_loss(out, x)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    epoch(Subset(dataset, range(128)))  # warm-up
+    data = Subset(dataset, range(n))
+    start = time.perf_counter()
+    epoch(data)
+    return {"images_per_s": n / (time.perf_counter() - start)}
+
+
+def _eval_images(n: int):
+    import numpy as np
+
+    from aevae.data import load_split
+
+    test = load_split(OUT / "prepared", "train")[:n]
+    rng = np.random.default_rng(0)
+    noisy = np.clip(test + rng.normal(0, 12, test.shape), 0, 255).astype(np.uint8)
+    return noisy, test
+
+
+def _lpips_model():
+    from aevae.metrics import LPIPSUnavailable, load_lpips
+
+    try:
+        return load_lpips(), "real AlexNet weights"
+    except LPIPSUnavailable:
+        # Same network, same cost; the values are not LPIPS and are not reported, only timed.
+        import torch
+        import torchvision
+
+        home = OUT / "torch_home"
+        path = home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+        os.environ["TORCH_HOME"] = str(home)
+        return load_lpips(), "randomly initialised AlexNet (weights offline); timing only"
+
+
+def measure_eval_ours(n: int) -> dict:
+    """aevae's evaluation: PSNR + SSIM + LPIPS on batches of 100, under no_grad."""
+    import torch
+
+    from aevae.metrics import score_images
+
+    pred, target = _eval_images(n)
+    model, note = _lpips_model()
+    score_images(pred[:100], target[:100], 100, model, torch.device("cpu"))  # warm-up
+    start = time.perf_counter()
+    score_images(pred, target, 100, model, torch.device("cpu"))
+    return {"images_per_s": n / (time.perf_counter() - start), "note": note}
+
+
+def measure_eval_baseline(n: int) -> dict:
+    """A notebook's evaluation: one image at a time through torchmetrics' PSNR, SSIM and LPIPS."""
+    import torch
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from aevae.metrics import to_unit
+
+    pred, target = _eval_images(n)
+    model, note = _lpips_model()
+    start = time.perf_counter()
+    for i in range(n):
+        p, t = to_unit(pred[i: i + 1]), to_unit(target[i: i + 1])
+        peak_signal_noise_ratio(p, t, data_range=1.0)
+        structural_similarity_index_measure(p, t, data_range=1.0)
+        model(p, t, normalize=True)
+    return {"images_per_s": n / (time.perf_counter() - start), "note": note}
+
+
+def measure_prepare_ours(n: int) -> dict:
+    from aevae.data import prepare
+    from aevae.params import DataParams
+
+    start = time.perf_counter()
+    prepare(DataParams(source="folder", path=str(OUT / "jpegs")), seed=0, out=OUT / "prepared_jpegs")
+    return {"images_per_s": n / (time.perf_counter() - start)}
+
+
+def measure_prepare_baseline(n: int) -> dict:
+    """Open, convert, resize each file with PIL and stack in memory, as a notebook would."""
+    import numpy as np
+    from PIL import Image
+
+    start = time.perf_counter()
+    images = [np.asarray(Image.open(p).convert("RGB").resize((64, 64), Image.Resampling.BICUBIC))
+              for p in sorted((OUT / "jpegs").iterdir())]
+    np.save(OUT / "baseline_prepared.npy", np.stack(images))
+    return {"images_per_s": n / (time.perf_counter() - start)}
+
+
+def measure_noop_repro() -> dict:
+    """`dvc repro` when everything is cached, in the repository copy the full run made."""
+    start = time.perf_counter()
+    out = subprocess.run(["dvc", "repro"], cwd=OUT / "repo", capture_output=True, text=True, check=True)
+    assert "up to date" in out.stdout, out.stdout
+    return {"seconds": time.perf_counter() - start}
+
+
+def measure_import_time() -> dict:
+    """Wall time from interpreter start to a stage's --help (what a cached stage would pay)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / "stages/train.py"), "--help"], check=True, capture_output=True)
+    return {"seconds": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------- orchestration (parent side)
+
+
+def child(name: str, *args: str) -> dict:
+    """Run one measurement in a fresh process; return its result and its peak RSS."""
+    proc = subprocess.Popen([sys.executable, __file__, "--child", name, *args], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"benchmark step {name} failed (status {status})")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_mib"] = usage.ru_maxrss / 1024
+    return result
+
+
+def setup(n_train: int, n_jpegs: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from aevae.data import load_split, prepare
+    from aevae.params import DataParams
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    prepare(DataParams(builtin_size=max(n_train * 10 // 8 + 10, 300)), seed=0, out=OUT / "prepared")
+    folder = OUT / "folder" / "all"
+    shutil.rmtree(OUT / "folder", ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i, image in enumerate(load_split(OUT / "prepared", "train")[:n_train]):
+        Image.fromarray(image).save(folder / f"{i:06d}.png")
+    jpegs = OUT / "jpegs"
+    shutil.rmtree(jpegs, ignore_errors=True)
+    jpegs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n_jpegs):  # camera-like sizes: decoding them is what prepare pays for
+        small = rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((640, 480), Image.Resampling.BICUBIC).save(jpegs / f"{i:05d}.jpg", quality=90)
+
+
+def full_repro() -> dict:
+    """The default `dvc repro` in a fresh copy of the repository (the main command's work)."""
+    repo = OUT / "repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, repo / name)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit("the default dvc repro failed in the benchmark copy")
+    # ru_maxrss of a waited child is the largest of its process tree: the heaviest stage.
+    return {"seconds": time.perf_counter() - start, "peak_mib": usage.ru_maxrss / 1024}
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}, {platform.system()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, no full dvc repro, no results.md")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, *rest = args.child
+        print(json.dumps(globals()[f"measure_{name}"](*[int(a) if a.isdigit() else a for a in rest])))
+        return
+
+    n_train, n_eval, n_jpegs = (256, 200, 200) if args.quick else (1024, 1000, 1000)
+    print(f"setting up {n_train} training images, {n_jpegs} JPEGs in {OUT} ...", flush=True)
+    setup(n_train, n_jpegs)
+    rows = []
+
+    def compare(what: str, ours: dict, base: dict, unit: str = "images/s") -> None:
+        rows.append((what, f"{ours['images_per_s']:.1f}", f"{base['images_per_s']:.1f}",
+                     f"{ours['images_per_s'] / base['images_per_s']:.2f}x",
+                     f"{ours['peak_mib']:.0f} / {base['peak_mib']:.0f}", ours.get("note", "")))
+        print(f"  {rows[-1]}", flush=True)
+
+    for kind in ("ae", "vae"):
+        compare(f"train {kind.upper()} (fp32, batch 64, {n_train} images)", child("train_ours", kind, str(n_train)),
+                child("train_baseline", kind, str(n_train)))
+    n_bf16 = 128  # bf16 is slow on CPUs without fast bf16 convolutions: a short measurement
+    compare(f"train AE, train.precision bf16 ({n_bf16} images)", child("train_ours", "ae", str(n_bf16), "bf16"),
+            child("train_baseline", "ae", str(n_bf16)))
+    compare(f"evaluate PSNR+SSIM+LPIPS ({n_eval} images)", child("eval_ours", str(n_eval)),
+            child("eval_baseline", str(n_eval)))
+    compare(f"prepare {n_jpegs} JPEGs 640x480 -> 64x64", child("prepare_ours", str(n_jpegs)),
+            child("prepare_baseline", str(n_jpegs)))
+    table = ["| what | ours (images/s) | baseline (images/s) | ours / baseline | peak MiB ours / baseline | note |",
+             "|---|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
+    timings = [f"- stage import + `--help` (`stages/train.py`): {child('import_time')['seconds']:.2f} s"]
+    if not args.quick:
+        print("running the default dvc repro in a copy (about 6 minutes) ...", flush=True)
+        full = full_repro()
+        noop = child("noop_repro")
+        timings += [f"- default `dvc repro` from scratch: {full['seconds']:.0f} s "
+                    f"(peak {full['peak_mib']:.0f} MiB, heaviest process)",
+                    f"- no-op `dvc repro` (everything cached): {noop['seconds']:.2f} s (peak {noop['peak_mib']:.0f} MiB)"]
+    report = "\n".join([
+        "# Benchmark results", "",
+        f"Measured by `python bench/run.py` on {time.strftime('%Y-%m-%d')}: {machine()}.", "",
+        "Baseline: the study's notebook style, same model, optimizer and batch size: torchvision ImageFolder "
+        "decoding PNG files every epoch through a DataLoader; evaluation one image at a time; preparation "
+        "with a plain PIL loop into memory.", "", *table, "", *timings, ""])
+    print("\n" + report)
+    if not args.quick:
+        (REPO / "bench" / "results.md").write_text(report, encoding="utf-8")
+        print(f"wrote {REPO / 'bench' / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

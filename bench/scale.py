@@ -1,0 +1,112 @@
+"""Scale check: prepare and load a large image folder, and report peak memory.
+
+    python bench/scale.py --images 200000     # about 10 minutes on a 2-core CPU
+
+Generates the JPEGs once (bench/out/scale/jpegs), then runs each step in its own process and reads
+that process's peak RSS, so the numbers are the steps' own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out" / "scale"
+
+
+def _write_jpegs(args: tuple[int, int]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    start, stop = args
+    rng = np.random.default_rng(start)
+    folder = OUT / "jpegs" / f"{start // 10000:03d}"  # 10,000 files per folder, as data sets are laid out
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, stop):
+        small = rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((96, 80), Image.Resampling.BILINEAR).save(folder / f"{i:07d}.jpg", quality=85)
+
+
+def generate(n: int) -> None:
+    done = OUT / f"jpegs.{n}.done"
+    if done.exists():
+        return
+    chunks = [(s, min(s + 10000, n)) for s in range(0, n, 10000)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(_write_jpegs, chunks))
+    done.write_text("ok")
+
+
+def step_prepare() -> dict:
+    from aevae.data import prepare
+    from aevae.params import DataParams
+
+    start = time.perf_counter()
+    prepared = prepare(DataParams(source="folder", path=str(OUT / "jpegs")), seed=0, out=OUT / "prepared")
+    return {"seconds": time.perf_counter() - start, "counts": prepared.counts, "skipped": len(prepared.skipped)}
+
+
+def step_load_and_train() -> dict:
+    """What the training stage holds: the train and val arrays in memory, plus a few real steps."""
+    import torch
+
+    from aevae.data import load_split
+    from aevae.models import build_model
+    from aevae.params import Params
+    from aevae.train import batches, losses, make_optimizer, to_tensor
+
+    start = time.perf_counter()
+    train_x, val_x = (to_tensor(load_split(OUT / "prepared", s)) for s in ("train", "val"))
+    loaded = time.perf_counter() - start
+    params = Params()
+    model = build_model("vae").to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, params)
+    for step, x in enumerate(batches(train_x, params.batch_size, torch.device("cpu"), torch.Generator())):
+        loss = losses(model, x, 1.0)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == 4:
+            break
+    array_mib = (train_x.numel() + val_x.numel()) / 2**20
+    return {"load_seconds": loaded, "arrays_mib": array_mib}
+
+
+def child(name: str) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--child", name], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"scale step {name} failed (status {status})")
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_mib": usage.ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=200_000)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(globals()[f"step_{args.child}"]()))
+        return
+    start = time.perf_counter()
+    generate(args.images)
+    print(f"{args.images} JPEGs ready in {time.perf_counter() - start:.0f} s", flush=True)
+    prep = child("prepare")
+    print(f"prepare: {prep['seconds']:.0f} s ({args.images / prep['seconds']:.0f} images/s), counts {prep['counts']}, "
+          f"{prep['skipped']} skipped, peak {prep['peak_mib']:.0f} MiB", flush=True)
+    train = child("load_and_train")
+    print(f"training stage data: {train['arrays_mib']:.0f} MiB of uint8 arrays loaded in {train['load_seconds']:.1f} s; "
+          f"peak {train['peak_mib']:.0f} MiB with the VAE training", flush=True)
+
+
+if __name__ == "__main__":
+    main()

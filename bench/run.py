@@ -1,6 +1,6 @@
 """Benchmark aevae against the plain PyTorch loop of the study's notebook, on this machine, in one run.
 
-    python bench/run.py            # about 6 minutes on a 2-core CPU; writes bench/results.md
+    python bench/run.py            # about 15 minutes on a 2-core CPU; writes bench/results.md
     python bench/run.py --quick    # a smaller smoke run, results not written
 
 Every figure is measured here, now; each measurement runs in its own process so that its peak memory
@@ -51,6 +51,63 @@ def measure_train_ours(kind: str, n: int, precision: str = "fp32") -> dict:
     start = time.perf_counter()
     run_epoch(model, images, params, torch.device("cpu"), 1.0, optimizer, generator)
     return {"images_per_s": len(images) / (time.perf_counter() - start)}
+
+
+def measure_train_ceiling(kind: str, n: int) -> dict:
+    """The same step on one batch that never leaves memory: the model's compute alone, no data handling.
+
+    No data pipeline can beat this rate, so ceiling / baseline bounds what any loader can gain here.
+    """
+    import torch
+
+    from aevae.models import build_model
+    from aevae.params import Params
+    from aevae.train import batches, losses, make_optimizer, to_tensor
+
+    params = Params()
+    torch.manual_seed(0)
+    model = build_model(kind).to(memory_format=torch.channels_last).train()
+    optimizer = make_optimizer(model, params)
+    x = next(batches(to_tensor(_train_images(64)), 64, torch.device("cpu")))
+
+    def step() -> None:
+        loss = losses(model, x, 1.0)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step(), step()  # warm-up
+    steps = n // 64
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return {"images_per_s": steps * 64 / (time.perf_counter() - start)}
+
+
+def measure_precision_quality(precision: str, n: int, epochs: int) -> dict:
+    """Train the AE from the same seed in `precision`, then score the test split in fp32."""
+    import torch
+
+    from aevae.data import load_split
+    from aevae.metrics import reconstruct_all, score_images
+    from aevae.models import build_model
+    from aevae.params import Params, TrainParams
+    from aevae.train import make_optimizer, run_epoch, to_tensor
+
+    images = to_tensor(_train_images(n))
+    params = Params(train=TrainParams(precision=precision))
+    torch.manual_seed(0)
+    model = build_model("ae").to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, params)
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        run_epoch(model, images, params, torch.device("cpu"), 1.0, optimizer, generator)
+    seconds = time.perf_counter() - start
+    test = load_split(OUT / "prepared", "test")
+    scores = score_images(reconstruct_all(model, test, 100, torch.device("cpu")), test, 100, None, torch.device("cpu"))
+    return {"images_per_s": n * epochs / seconds, "psnr": float(scores.psnr.mean()),
+            "ssim": float(scores.ssim.mean()), "test_images": len(test)}
 
 
 def measure_train_baseline(kind: str, n: int) -> dict:
@@ -247,7 +304,8 @@ def machine() -> str:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+    return (f"{cpu}, {os.cpu_count()} cores, vector ISA {torch.backends.cpu.get_cpu_capability()}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}, {platform.system()}")
 
 
@@ -256,6 +314,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, no full dvc repro, no results.md")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # dvc and the stages' `python` must be this interpreter's, also when its venv is not activated.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     if args.child:
         name, *rest = args.child
         print(json.dumps(globals()[f"measure_{name}"](*[int(a) if a.isdigit() else a for a in rest])))
@@ -275,18 +335,28 @@ def main() -> None:
     for kind in ("ae", "vae"):
         compare(f"train {kind.upper()} (fp32, batch 64, {n_train} images)", child("train_ours", kind, str(n_train)),
                 child("train_baseline", kind, str(n_train)))
-    n_bf16 = 128  # bf16 is slow on CPUs without fast bf16 convolutions: a short measurement
-    compare(f"train AE, train.precision bf16 ({n_bf16} images)", child("train_ours", "ae", str(n_bf16), "bf16"),
-            child("train_baseline", "ae", str(n_bf16)))
+    ceilings = {kind: child("train_ceiling", kind, str(n_train)) for kind in ("ae", "vae")}
+    baselines = {kind: float(rows[i][2]) for i, kind in enumerate(("ae", "vae"))}
+    # bf16 is slow on CPUs without native bf16 instructions, so its run is short: same seed, same
+    # images, same epochs in both precisions, then the test split scored in fp32.
+    n_q, epochs_q = (64, 1) if args.quick else (256, 2)
+    fp32, bf16 = (child("precision_quality", p, str(n_q), str(epochs_q)) for p in ("fp32", "bf16"))
+    compare(f"train AE, train.precision bf16 vs fp32, ours ({n_q} images x {epochs_q} epochs)", bf16, fp32)
     compare(f"evaluate PSNR+SSIM+LPIPS ({n_eval} images)", child("eval_ours", str(n_eval)),
             child("eval_baseline", str(n_eval)))
     compare(f"prepare {n_jpegs} JPEGs 640x480 -> 64x64", child("prepare_ours", str(n_jpegs)),
             child("prepare_baseline", str(n_jpegs)))
     table = ["| what | ours (images/s) | baseline (images/s) | ours / baseline | peak MiB ours / baseline | note |",
              "|---|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
-    timings = [f"- stage import + `--help` (`stages/train.py`): {child('import_time')['seconds']:.2f} s"]
+    timings = [
+        *(f"- compute ceiling, train {kind.upper()}: the same step on one resident batch runs "
+          f"{c['images_per_s']:.1f} images/s, {c['images_per_s'] / baselines[kind]:.2f}x the baseline: the most "
+          "any data pipeline can gain over it on this machine" for kind, c in ceilings.items()),
+        f"- bf16 quality: AE after {epochs_q} epochs on {n_q} images, test split ({fp32['test_images']} images): "
+        f"PSNR {fp32['psnr']:.2f} fp32 / {bf16['psnr']:.2f} bf16, SSIM {fp32['ssim']:.4f} / {bf16['ssim']:.4f}",
+        f"- stage import + `--help` (`stages/train.py`): {child('import_time')['seconds']:.2f} s"]
     if not args.quick:
-        print("running the default dvc repro in a copy (about 6 minutes) ...", flush=True)
+        print("running the default dvc repro in a copy (about 5 minutes) ...", flush=True)
         full = full_repro()
         noop = child("noop_repro")
         timings += [f"- default `dvc repro` from scratch: {full['seconds']:.0f} s "

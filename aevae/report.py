@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,14 +31,16 @@ def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def image_grid(rows: dict[str, np.ndarray], column_titles: list[str] | None = None,
+def image_grid(rows: dict[str, Sequence[np.ndarray | None]], column_titles: list[str] | None = None,
                scale: int = TILE_SCALE) -> Image.Image:
     """Rows of equally sized uint8 images, a label left of each row, optional titles above columns.
 
-    Upscaled with nearest-neighbour so that no blur is added to what the models produced.
+    Rows may differ in length (the widest sets the width); None leaves a cell blank, to align a short
+    row with a long one. Upscaled with nearest-neighbour so that no blur is added to what the models
+    produced.
     """
-    first = next(iter(rows.values()))
-    n_cols, size = len(first), first.shape[1] * scale
+    n_cols = max(len(images) for images in rows.values())
+    size = next(image for images in rows.values() for image in images if image is not None).shape[1] * scale
     font = _font(max(12, size // 6))
     label_w = max(int(font.getlength(label)) for label in rows) + 2 * GAP
     title_h = (font.size + 2 * GAP) if column_titles else 0
@@ -52,6 +55,8 @@ def image_grid(rows: dict[str, np.ndarray], column_titles: list[str] | None = No
         y = title_h + r * (size + GAP) + GAP
         draw.text((label_w - GAP, y + size // 2), label, fill="black", font=font, anchor="rm")
         for c, image in enumerate(images):
+            if image is None:
+                continue
             tile = Image.fromarray(image).resize((size, size), Image.Resampling.NEAREST)
             canvas.paste(tile, (label_w + c * (size + GAP), y))
     return canvas
@@ -229,7 +234,9 @@ def build_report(params, data_dir: Path, models_root: Path, metrics_dir: Path, o
     gen = vae_samples(models["vae"], test, params.report.samples, params.report.interpolation_steps, params.seed)
     per_row = math.ceil(len(gen["samples"]) / 2)
     save_png(image_grid({"z ~ N(0, I)": gen["samples"][:per_row], "": gen["samples"][per_row:]}), out / "samples.png")
-    save_png(image_grid({"endpoints": gen["ends"], "interpolation": gen["interpolation"]}), out / "interpolation.png")
+    steps = len(gen["interpolation"])
+    ends = [gen["ends"][0], *[None] * (steps - 2), gen["ends"][1]]  # above the line's first and last step
+    save_png(image_grid({"test images": ends, "decoded line": gen["interpolation"]}), out / "interpolation.png")
     worst_rows, worst_titles = {}, []
     for kind in MODEL_KINDS:
         scores = per_image[per_image["model"] == kind].nsmallest(5, "psnr")
@@ -292,7 +299,10 @@ def _sections(params, manifest, models, histories, table, summary, worst_titles)
             "means. The AE cannot do this: nothing in its training ties its 16,384-value code to a known "
             "distribution, so there is no prior to draw codes from, and points between two codes need not "
             "decode to images."], image="samples.png"),
-        Section("Interpolation", [], image="interpolation.png"),
+        Section("Interpolation", [
+            f"Two test images (top, at the ends) and the VAE's decoding of {params.report.interpolation_steps} "
+            "evenly spaced points on the line between their posterior means (bottom): the first and last points "
+            "are the two images' own reconstructions."], image="interpolation.png"),
         Section("Worst test images (lowest PSNR)", [f"{NAMES[k]}: {t}." for k, t in zip(("ae", "vae"), worst_titles)],
                 image="worst.png"),
     ]

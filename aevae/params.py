@@ -94,8 +94,9 @@ def _describe(error: dict, path: Path) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key '{key}' (a typo?); see the keys documented in params.yaml"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{path}: {key}: {message} (got {error.get('input')!r})"
+    if error["type"] == "value_error":  # our own cross-field checks: the message names keys and values
+        return f"{path}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{path}: {key}: {error['msg']} (got {error.get('input')!r})"
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:

@@ -40,6 +40,7 @@ def test_bad_params_are_rejected_with_the_key_named(write_params, overrides, mes
         load_params(write_params(overrides))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+    assert "{'" not in str(err.value)  # one line that names the key, not a dump of the whole section
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -64,6 +64,8 @@ def repo(tmp_path_factory, env) -> Path:
     run(["git", "add", "-A"], dst, env)
     run(["git", "commit", "-qm", "tiny"], dst, env)
     run(["dvc", "repro"], dst, env)
+    run(["git", "add", "-A"], dst, env)  # dvc.lock and the .gitignore files DVC wrote, as the README says
+    run(["git", "commit", "-qm", "baseline"], dst, env)
     return dst
 
 
@@ -148,6 +150,22 @@ def test_mlflow_has_both_model_runs_and_the_report(repo):
 def test_second_repro_does_nothing(repo, env):
     out = run(["dvc", "repro"], repo, env).stdout
     assert "Running stage" not in out and "up to date" in out
+
+
+def test_a_vae_only_experiment_reuses_the_committed_ae(repo, env):
+    """A queued/--temp experiment starts from the last commit: unchanged stages come from the cache."""
+    before = runs(repo)
+    out = run(["dvc", "exp", "run", "--temp", "-n", "beta-half", "-S", "vae.beta=0.5"], repo, env).stdout
+    assert "Running stage 'train_vae'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'train_ae'" not in out and "Running stage 'prepare'" not in out
+    frame = runs(repo)
+    new = frame[frame["tags.dvc_exp_name"] == "beta-half"]
+    assert sorted(new["tags.mlflow.runName"]) == ["report", "vae"]
+    assert new.loc[new["tags.mlflow.runName"] == "vae", "params.vae.beta"].item() == "0.5"
+    baseline_ae = before.loc[before["tags.mlflow.runName"] == "ae", "run_id"].item()
+    assert new.loc[new["tags.mlflow.runName"] == "report", "tags.ae_run_id"].item() == baseline_ae
+    shown, baseline = exp_metrics(repo, env)["beta-half"]["ae"], json.loads((repo / "metrics/eval.json").read_text())
+    assert (shown["psnr"], shown["ssim"]) == (baseline["ae"]["psnr"], baseline["ae"]["ssim"])
 
 
 def test_exp_run_with_a_param_override_retrains_both_models(repo, env):

@@ -128,14 +128,19 @@ def resume_run(run_file: Path) -> Iterator[Any]:
         raise AevaeError(f"{run_file} not found: run the training stages first (dvc repro)") from None
     mlflow = _mlflow()
     try:
-        run = mlflow.start_run(run_id=info["run_id"])
+        trained = mlflow.MlflowClient().get_run(info["run_id"]).info
     except mlflow.exceptions.MlflowException:
         raise AevaeError(
             f"MLflow run {info['run_id']} from {run_file} is not in the store {tracking_uri()}: "
             "was MLFLOW_TRACKING_URI changed since training? Re-train with dvc repro --force"
         ) from None
-    with run:
-        yield run
+    try:
+        yield mlflow.start_run(run_id=trained.run_id)
+    finally:
+        mlflow.end_run()
+        # Adding results later must not change the training's status or duration (ending a resumed run
+        # would stamp it FINISHED, or FAILED if evaluation failed, and stretch its duration to now).
+        mlflow.MlflowClient().set_terminated(trained.run_id, status=trained.status, end_time=trained.end_time)
 
 
 def write_run_file(path: Path, run: Any) -> None:

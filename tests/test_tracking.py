@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -62,3 +63,22 @@ def test_resume_run_needs_the_run_file(tmp_path):
     with pytest.raises(tracking.AevaeError, match="run the training stages first"):
         with tracking.resume_run(Path(tmp_path) / "run.json"):
             pass
+
+
+def test_logging_into_a_finished_run_keeps_its_status_and_duration(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with tracking.start_run("ae", {}, {}) as run:
+        pass
+    tracking.write_run_file(tmp_path / "run.json", run)
+    client = mlflow.MlflowClient(uri)
+    trained = client.get_run(run.info.run_id).info
+    with pytest.raises(RuntimeError):  # a failing evaluation must not mark the training FAILED
+        with tracking.resume_run(tmp_path / "run.json"):
+            mlflow.log_metric("test_psnr", 25.0)
+            time.sleep(0.05)
+            raise RuntimeError("evaluation failed")
+    after = client.get_run(run.info.run_id)
+    assert trained.status == "FINISHED"
+    assert (after.info.status, after.info.end_time) == (trained.status, trained.end_time)
+    assert after.data.metrics["test_psnr"] == 25.0

@@ -154,8 +154,11 @@ def test_sigkill_then_restart_resumes_to_bitwise_identical_weights(fault_setup, 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_keeps_the_checkpoint_and_marks_the_run_killed(fault_setup, tmp_path, store, sig):
-    proc = fault_setup(tmp_path / "out")
+def test_interrupt_keeps_the_checkpoint_and_marks_the_run_killed(fault_setup, tmp_path, store, write_params, sig):
+    # Far more epochs than it will get through: the signal must land in a training that is still running
+    # (at 4 epochs, a fast machine finished before it arrived and exited 0).
+    long = write_params({**FAULT_PARAMS, "epochs": 1000}, name="long.yaml")
+    proc = fault_setup(tmp_path / "out", params=long)
     wait_for_epoch(tmp_path / "out" / "last.pt", 1, proc)
     proc.send_signal(sig)
     result = finish(proc)

@@ -121,8 +121,13 @@ def wait_for_epoch(path: Path, epoch: int, proc: subprocess.Popen, timeout: floa
     raise TimeoutError(f"{path} never reached epoch {epoch}")
 
 
-def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=300)
+def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -155,13 +160,15 @@ def test_sigkill_then_restart_resumes_to_bitwise_identical_weights(fault_setup, 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_keeps_the_checkpoint_and_marks_the_run_killed(fault_setup, tmp_path, store, write_params, sig):
-    # Far more epochs than it will get through: the signal must land in a training that is still running
-    # (at 4 epochs, a fast machine finished before it arrived and exited 0).
+    # Far more epochs than it will get through, so only the signal can end it. The child gets the default
+    # SIGINT disposition: a shell without job control starts background jobs (e.g. `bash .ci/run &`) with
+    # SIGINT ignored, which children inherit and Python then honours.
     long = write_params({**FAULT_PARAMS, "epochs": 1000}, name="long.yaml")
-    proc = fault_setup(tmp_path / "out", params=long)
+    proc = fault_setup(tmp_path / "out", params=long,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_epoch(tmp_path / "out" / "last.pt", 1, proc)
     proc.send_signal(sig)
-    result = finish(proc)
+    result = finish(proc, timeout=120)
     assert result.returncode == 130
     assert "Interrupted" in result.stderr and "Traceback" not in result.stderr
     assert torch.load(tmp_path / "out" / "last.pt", weights_only=True)["epoch"] >= 1

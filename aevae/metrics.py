@@ -12,6 +12,7 @@ Conventions (PITFALLS.md #6), stated once here and in the report:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -24,8 +25,11 @@ from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm.auto import tqdm
 
-from aevae import AevaeError
-from aevae.files import atomic_path, write_text
+from aevae import AevaeError, tracking
+from aevae.data import load_split
+from aevae.files import MetricsDir, ModelDir, atomic_path, write_text
+from aevae.models import load_model, pick_device
+from aevae.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +143,18 @@ def mean_interval(values: np.ndarray, samples: int, seed: int) -> dict[str, floa
 
 
 def summarize(per_image: pd.DataFrame, samples: int, seed: int) -> pd.DataFrame:
-    """One row per (model, metric), plus the paired AE - VAE difference per metric."""
+    """One row per (model, metric), plus the paired difference `a-b` for every pair of models (in the
+    order they were scored), per metric: each test image scored by both, so the interval is tight."""
     rows = []
     for model, group in per_image.groupby("model", sort=False):
         for metric in METRICS:
             rows.append({"model": model, "metric": metric, **mean_interval(group[metric].to_numpy(), samples, seed)})
-    if {"ae", "vae"} <= set(per_image["model"]):
-        paired = per_image.pivot(index="index", columns="model", values=list(METRICS))
+    models = list(per_image["model"].unique())
+    paired = per_image.pivot(index="index", columns="model", values=list(METRICS))
+    for a, b in itertools.combinations(models, 2):
         for metric in METRICS:
-            diff = (paired[metric]["ae"] - paired[metric]["vae"]).to_numpy()
-            rows.append({"model": "ae-vae", "metric": metric, **mean_interval(diff, samples, seed)})
+            diff = (paired[metric][a] - paired[metric][b]).to_numpy()
+            rows.append({"model": f"{a}-{b}", "metric": metric, **mean_interval(diff, samples, seed)})
     return pd.DataFrame(rows)
 
 
@@ -156,45 +162,25 @@ def _json_number(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 6)
 
 
-def write_results(out_dir: Path, per_image: pd.DataFrame, summary: pd.DataFrame, lpips_real: bool) -> dict:
-    """metrics/eval.json (DVC metrics), per_image.csv and summary.csv; returns eval.json's content."""
+def write_results(out: MetricsDir, per_image: pd.DataFrame, summary: pd.DataFrame, lpips_real: bool) -> dict:
+    """eval.json (DVC metrics), per_image.csv and summary.csv; returns eval.json's content."""
+    models = list(per_image["model"].unique())
     means = {model: {row.metric: _json_number(row.mean) for row in group.itertuples()}
-             for model, group in summary.groupby("model", sort=False) if model != "ae-vae"}
+             for model, group in summary.groupby("model", sort=False) if model in models}
     result = {"test_images": int(per_image.groupby("model").size().max()), **means,
               "lpips_available": lpips_real}
-    with atomic_path(out_dir / "per_image.csv") as tmp:
+    with atomic_path(out.per_image) as tmp:
         per_image.to_csv(tmp, index=False, float_format="%.6f", na_rep="NaN")
-    with atomic_path(out_dir / "summary.csv") as tmp:
+    with atomic_path(out.summary) as tmp:
         summary.to_csv(tmp, index=False, float_format="%.6f", na_rep="NaN")
-    write_text(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+    write_text(out.eval_json, json.dumps(result, indent=2) + "\n")
     return result
 
 
-def _log_to_runs(models_root: Path, out_dir: Path, summary: pd.DataFrame, lpips_real: bool) -> None:
-    """Test metrics into each model's training run, so MLflow shows params and test scores side by side."""
-    import mlflow
-
-    from aevae import tracking
-    from aevae.models import MODEL_KINDS
-
-    for kind in MODEL_KINDS:
-        rows = summary[summary["model"] == kind]
-        with tracking.resume_run(models_root / kind / tracking.RUN_FILE):
-            mlflow.log_metrics({f"test_{r.metric}": r.mean for r in rows.itertuples() if not math.isnan(r.mean)})
-            mlflow.set_tag("lpips", "real (AlexNet, v0.1)" if lpips_real else "missing: AlexNet weights not found")
-            for name in ("eval.json", "per_image.csv", "summary.csv"):
-                mlflow.log_artifact(str(out_dir / name), artifact_path="eval")
-
-
-def evaluate(params, data_dir: Path, models_root: Path, out_dir: Path) -> dict:
-    """Score both best checkpoints on the test split; write metrics/ and log to the models' runs."""
-    from aevae.data import load_split
-    from aevae.models import MODEL_KINDS, load_model
-    from aevae.train import BEST, pick_device
-
+def evaluate(params: Params, data_dir: Path, models: list[ModelDir], out: MetricsDir) -> dict:
+    """Score each model's best checkpoint on the test split; write `out` and log to the models' runs."""
     device = pick_device(params.train.device)
     test = load_split(data_dir, "test")
-    models = {kind: load_model(Path(models_root) / kind / BEST, params.data.image_size)[0] for kind in MODEL_KINDS}
     try:
         lpips_model = load_lpips(device)
     except LPIPSUnavailable as err:
@@ -204,16 +190,18 @@ def evaluate(params, data_dir: Path, models_root: Path, out_dir: Path) -> dict:
                     "set eval.require_lpips: true to make this an error.", err)
         lpips_model = None
     frames = []
-    for kind, model in models.items():
+    for model_dir in models:
+        model = load_model(model_dir.best, params.data.image_size)[0]
         recon = reconstruct_all(model, test, params.eval.batch_size, device)
-        with atomic_path(out_dir / "reconstructions" / f"{kind}.npy") as tmp, open(tmp, "wb") as f:
+        with atomic_path(out.reconstructions(model_dir.name)) as tmp, open(tmp, "wb") as f:
             np.save(f, recon)
         scores = score_images(recon, test, params.eval.batch_size, lpips_model, device)
-        scores.insert(0, "model", kind)
+        scores.insert(0, "model", model_dir.name)
         scores.insert(1, "index", np.arange(len(test)))
         frames.append(scores)
     per_image = pd.concat(frames, ignore_index=True)
     summary = summarize(per_image, params.eval.bootstrap_samples, params.seed)
-    result = write_results(out_dir, per_image, summary, lpips_real=lpips_model is not None)
-    _log_to_runs(Path(models_root), out_dir, summary, lpips_real=lpips_model is not None)
+    result = write_results(out, per_image, summary, lpips_real=lpips_model is not None)
+    tracking.log_test_results(models, out, summary, {
+        "lpips": "real (AlexNet, v0.1)" if lpips_model is not None else "missing: AlexNet weights not found"})
     return result

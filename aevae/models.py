@@ -1,19 +1,32 @@
-"""The study's convolutional AutoEncoder and the VAE built from the same parts."""
+"""The study's convolutional AutoEncoder and the VAE built from the same parts, behind one contract.
+
+Every model here answers the same questions, so that training, evaluation, the report and the benchmark
+never ask which kind they hold:
+- `loss(x, epoch=...)`: a `Loss` with the value to minimise and the named terms to log (units in the
+  class's `loss_unit`, stated once);
+- `reconstruct(x)`: a deterministic reconstruction in [0, 1];
+- `param_groups(lr)`: its parameters grouped for the optimizer, with their learning rates;
+- `config`: what rebuilds it, saved in every checkpoint; `from_params(params)` builds it from params.yaml.
+Adding a model means a class here, its entry in MODELS, its params, and its stage in dvc.yaml.
+"""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aevae import AevaeError
 from aevae.files import atomic_path
+from aevae.params import Params
 
-MODEL_KINDS = ("ae", "vae")
 CHANNELS = 256  # channels of the conv trunk's output; the spatial size is image_size / 8
+DENSE_FAN_IN = 1024  # the conv trunk's typical fan-in: the width Adam's lr is tuned for (see param_groups)
 
 
 def conv_encoder() -> nn.Sequential:
@@ -44,13 +57,42 @@ def conv_decoder() -> nn.Sequential:
     )
 
 
-class AutoEncoder(nn.Module):
-    """Deterministic bottleneck of 256 x (image_size/8)^2 values."""
+@dataclass
+class Loss:
+    """One batch's loss: `value` is minimised; `terms` are batch means logged as train_<name> / val_<name>
+    (always `loss` and `mse`, the per-pixel MSE that compares models); `codes` are per-image latent means,
+    for counting active latent dimensions."""
 
-    def __init__(self) -> None:
+    value: Tensor
+    terms: dict[str, Tensor]
+    codes: Tensor | None = None
+
+
+class AutoEncoder(nn.Module):
+    """The study's AE: a deterministic bottleneck of 256 x (image_size/8)^2 values."""
+
+    kind: ClassVar[str] = "ae"
+    loss_unit: ClassVar[str] = "per-pixel MSE"
+    reads_params: ClassVar[tuple[str, ...]] = ()  # params.yaml sections/keys beyond the shared training ones
+    generative: ClassVar[bool] = False  # no prior to sample codes from
+
+    def __init__(self, image_size: int = 64) -> None:
         super().__init__()
+        self.config = {"image_size": image_size}
         self.encoder = conv_encoder()
         self.decoder = conv_decoder()
+
+    @classmethod
+    def from_params(cls, params: Params) -> AutoEncoder:
+        return cls(params.data.image_size)
+
+    @property
+    def label(self) -> str:
+        return "AE"
+
+    def code_size(self) -> str:
+        side = self.config["image_size"] // 8
+        return f"{CHANNELS} x {side} x {side} = {CHANNELS * side * side:,} values (deterministic)"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decoder(self.encoder(x))
@@ -58,12 +100,37 @@ class AutoEncoder(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         return self(x)
 
+    def loss(self, x: Tensor, *, epoch: int | None = None) -> Loss:
+        """The study's loss: per-pixel MSE."""
+        mse = F.mse_loss(self(x).float(), x)
+        return Loss(mse, {"loss": mse, "mse": mse})
+
+    def schedule(self, epoch: int) -> dict[str, float]:
+        """Per-epoch values of the loss's schedule, logged beside the losses."""
+        return {}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.parameters()), "lr": lr}]
+
 
 class VAE(nn.Module):
-    """The AE's encoder and decoder around a Gaussian latent of `latent_dim` (Kingma & Welling 2014)."""
+    """The AE's encoder and decoder around a Gaussian latent of `latent_dim` (Kingma & Welling 2014).
 
-    def __init__(self, image_size: int = 64, latent_dim: int = 128) -> None:
+    Loss per image, in nats (PITFALLS.md #1): reconstruction is the sum of squared errors over all pixels
+    (a Gaussian decoder with fixed variance 1/2, up to a constant) and KL is summed over latent
+    dimensions, both averaged over the batch; so beta 1 is the true negative ELBO.
+    """
+
+    kind: ClassVar[str] = "vae"
+    loss_unit: ClassVar[str] = "nats per image"
+    reads_params: ClassVar[tuple[str, ...]] = ("vae",)
+    generative: ClassVar[bool] = True
+
+    def __init__(self, image_size: int = 64, latent_dim: int = 128, beta: float = 1.0,
+                 kl_warmup_epochs: int = 0) -> None:
         super().__init__()
+        self.config = {"image_size": image_size, "latent_dim": latent_dim, "beta": beta,
+                       "kl_warmup_epochs": kl_warmup_epochs}
         self.feature_shape = (CHANNELS, image_size // 8, image_size // 8)
         features = CHANNELS * (image_size // 8) ** 2
         self.encoder = conv_encoder()
@@ -72,6 +139,19 @@ class VAE(nn.Module):
         self.from_latent = nn.Linear(latent_dim, features)
         self.decoder = conv_decoder()
         self.latent_dim = latent_dim
+
+    @classmethod
+    def from_params(cls, params: Params) -> VAE:
+        return cls(params.data.image_size, params.vae.latent_dim, params.vae.beta, params.vae.kl_warmup_epochs)
+
+    @property
+    def label(self) -> str:
+        return "VAE"
+
+    def code_size(self) -> str:
+        side = self.config["image_size"] // 8
+        return (f"{self.latent_dim} Gaussian latents (mu and log-variance from the {CHANNELS} x {side} x {side} "
+                "features)")
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.encoder(x).flatten(1)
@@ -88,13 +168,79 @@ class VAE(nn.Module):
         """Decode the posterior mean: deterministic, the usual choice for reconstruction metrics."""
         return self.decode(self.encode(x)[0])
 
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n images decoded from z ~ N(0, I)."""
+        return self.decode(torch.randn(n, self.latent_dim, generator=generator))
 
-def build_model(kind: str, image_size: int = 64, latent_dim: int = 128) -> AutoEncoder | VAE:
-    if kind == "ae":
-        return AutoEncoder()
-    if kind == "vae":
-        return VAE(image_size, latent_dim)
-    raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
+    def kl_weight(self, epoch: int | None) -> float:
+        """beta, ramped up linearly over the first kl_warmup_epochs epochs (Bowman et al. 2016);
+        the final beta when no epoch is given (validation, so val_loss is comparable across epochs)."""
+        beta, warmup = self.config["beta"], self.config["kl_warmup_epochs"]
+        return beta * min(1.0, epoch / warmup) if warmup and epoch is not None else beta
+
+    def loss(self, x: Tensor, *, epoch: int | None = None) -> Loss:
+        x_hat, mu, logvar = self(x)
+        mu, logvar = mu.float(), logvar.float()  # KL sums many terms: keep it in fp32 under autocast
+        recon = reconstruction_error(x_hat.float(), x).mean()
+        kl = kl_divergence(mu, logvar).mean()
+        loss = recon + self.kl_weight(epoch) * kl
+        return Loss(loss, {"loss": loss, "recon": recon, "kl": kl, "mse": recon / x[0].numel()}, codes=mu)
+
+    def schedule(self, epoch: int) -> dict[str, float]:
+        return {"kl_weight": self.kl_weight(epoch)}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Adam at `lr`, except the Gaussian heads, which get lr * 1024 / fan_in.
+
+        The heads are dense layers over the whole 256x8x8 feature map (fan-in 16384) with no normalisation
+        after them. Adam moves every weight by about lr per step, all in the same direction early on, so
+        at lr 0.002 log-variance jumps by ~15 within a few steps, KL reaches 1e4-1e12 nats and Adam's second
+        moments never recover (measured). Scaling a dense layer's Adam lr by 1/fan_in is the muP rule
+        (Yang et al. 2022); 1024 is the trunk's typical fan-in, so at 64px the heads learn at lr/16.
+        """
+        heads = [*self.to_mu.parameters(), *self.to_logvar.parameters()]
+        head_ids = {id(p) for p in heads}
+        rest = [p for p in self.parameters() if id(p) not in head_ids]
+        head_scale = min(1.0, DENSE_FAN_IN / self.to_mu.in_features)
+        return [{"params": rest, "lr": lr}, {"params": heads, "lr": lr * head_scale}]
+
+
+Model = AutoEncoder | VAE
+MODELS: dict[str, type[Model]] = {cls.kind: cls for cls in (AutoEncoder, VAE)}
+MODEL_KINDS = tuple(MODELS)
+
+
+def build_model(kind: str, params: Params) -> Model:
+    """The model of `kind`, configured from params.yaml."""
+    if kind not in MODELS:
+        raise AevaeError(f"unknown model kind {kind!r}; expected one of {', '.join(MODELS)}")
+    return MODELS[kind].from_params(params)
+
+
+MODEL_PARAM_SECTIONS = ("vae",)  # params.yaml sections that only the models listing them read
+
+
+def training_params(kind: str, params: Params) -> dict[str, object]:
+    """The params a model's training stage reads (its dvc.yaml entry lists the same), as logged to MLflow:
+    everything but evaluation and report settings, and of the model sections only what the model reads."""
+    reads = MODELS[kind].reads_params
+
+    def is_read(key: str) -> bool:
+        section = key.split(".")[0]
+        if section in ("eval", "report"):
+            return False
+        return section not in MODEL_PARAM_SECTIONS or any(key == r or key.startswith(f"{r}.") for r in reads)
+
+    return {key: value for key, value in params.flat().items() if is_read(key)}
+
+
+def pick_device(name: str) -> torch.device:
+    """train.device: auto is CUDA when present, else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AevaeError("train.device is cuda but no CUDA device is visible; use train.device: auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -121,10 +267,9 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_model(path: Path, model: AutoEncoder | VAE, kind: str, image_size: int, **extra: Any) -> None:
-    """Weights plus what is needed to rebuild the model; written atomically."""
-    checkpoint = {"kind": kind, "image_size": image_size, "latent_dim": getattr(model, "latent_dim", 0),
-                  "state_dict": model.state_dict(), **extra}
+def save_model(path: Path, model: Model, **extra: Any) -> None:
+    """Weights plus the model's own config, so that `load_model` rebuilds any kind alike; atomic."""
+    checkpoint = {"kind": model.kind, "config": model.config, "state_dict": model.state_dict(), **extra}
     # Serialised in memory first: torch's zip writer reports a failed write (disk full) as an opaque
     # RuntimeError, a plain file write reports it as the OSError it is.
     buffer = io.BytesIO()
@@ -133,7 +278,7 @@ def save_model(path: Path, model: AutoEncoder | VAE, kind: str, image_size: int,
         tmp.write_bytes(buffer.getbuffer())
 
 
-def load_model(path: Path, image_size: int | None = None) -> tuple[AutoEncoder | VAE, dict[str, Any]]:
+def load_model(path: Path, image_size: int | None = None) -> tuple[Model, dict[str, Any]]:
     """Rebuild a model from `save_model`'s file. weights_only: a checkpoint is untrusted input."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -142,15 +287,16 @@ def load_model(path: Path, image_size: int | None = None) -> tuple[AutoEncoder |
     except Exception as err:  # torch raises many types for a corrupt or malicious file
         raise AevaeError(f"{path} is not a loadable aevae checkpoint ({type(err).__name__}: "
                          f"{str(err).splitlines()[0]}); re-train with dvc repro --force") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") not in MODEL_KINDS:
-        raise AevaeError(f"{path} is not an aevae checkpoint (no model kind in it); re-train with dvc repro")
-    if image_size is not None and checkpoint["image_size"] != image_size:
-        raise AevaeError(f"{path} was trained on {checkpoint['image_size']}px images but data.image_size is "
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") not in MODELS or "config" not in checkpoint:
+        raise AevaeError(f"{path} is not an aevae checkpoint (no model kind and config in it); re-train with dvc repro")
+    config = checkpoint["config"]
+    if image_size is not None and config.get("image_size") != image_size:
+        raise AevaeError(f"{path} was trained on {config.get('image_size')}px images but data.image_size is "
                          f"{image_size}; re-train with dvc repro")
-    model = build_model(checkpoint["kind"], checkpoint["image_size"], checkpoint["latent_dim"] or 1)
     try:
+        model = MODELS[checkpoint["kind"]](**config)
         model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
+    except (RuntimeError, TypeError) as err:
         raise AevaeError(f"{path} does not match the {checkpoint['kind']} architecture "
                          f"({str(err).splitlines()[0]}); re-train with dvc repro --force") from None
     return model.eval(), checkpoint

@@ -1,4 +1,7 @@
-"""The study's answers as files: grid.png, the metric table, curves, samples, worst cases, report.md/html."""
+"""The study's answers as files: grid.png, the metric table, curves, samples, worst cases, report.md/html.
+
+Nothing here knows which models it shows: each brings its label, loss unit, code size and whether it
+can sample; the order is the order of the training stages in dvc.yaml."""
 
 from __future__ import annotations
 
@@ -14,12 +17,13 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from aevae.files import atomic_path, write_text
+from aevae.data import load_split, read_manifest
+from aevae.files import MetricsDir, ModelDir, atomic_path, write_text
 from aevae.metrics import HIGHER_IS_BETTER, METRICS, to_uint8, to_unit
-from aevae.models import VAE, parameter_count
+from aevae.models import Model, load_model, parameter_count
+from aevae.params import Params
 
 LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS"}
-NAMES = {"ae": "AE", "vae": "VAE"}
 TILE_SCALE = 2  # nearest-neighbour upscaling for display: every pixel stays a crisp 2x2 block
 GAP = 4
 
@@ -67,26 +71,48 @@ def save_png(image: Image.Image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-def plot_curves(histories: dict[str, pd.DataFrame], path: Path) -> None:
+@dataclass
+class Trained:
+    """One evaluated model, as the report needs it."""
+
+    name: str  # its folder and its key in the metric files
+    model: Model
+    history: pd.DataFrame
+    recon: np.ndarray  # uint8 reconstructions of the test split
+
+    @property
+    def label(self) -> str:
+        return self.model.label
+
+    def best_epoch(self) -> pd.Series:
+        return self.history.loc[self.history["val_loss"].idxmin()]
+
+
+def plot_curves(trained: list[Trained], path: Path) -> None:
+    """Each model's loss in its own unit, the per-pixel validation MSE of all (comparable), and the two
+    terms of each model whose loss has them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
-    for ax, kind, unit in ((axes[0], "ae", "per-pixel MSE"), (axes[1], "vae", "nats per image")):
-        h = histories[kind]
-        ax.plot(h["epoch"], h["train_loss"], label="train")
-        ax.plot(h["epoch"], h["val_loss"], label="validation")
-        ax.set(title=f"{NAMES[kind]} loss", xlabel="epoch", ylabel=unit, yscale="log")
-        ax.legend()
-    h = histories["vae"]
-    ax = axes[2]
-    ax.plot(h["epoch"], h["val_recon"], label="reconstruction (val)")
-    ax.plot(h["epoch"], h["val_kl"], label="KL (val)")
-    ax.set(title="VAE loss terms", xlabel="epoch", ylabel="nats per image", yscale="log")
-    ax.legend()
+    with_terms = [t for t in trained if {"val_recon", "val_kl"} <= set(t.history.columns)]
+    fig, axes = plt.subplots(1, len(trained) + 1 + len(with_terms), figsize=(5 * (len(trained) + 1 + len(with_terms)), 4),
+                             constrained_layout=True)
+    for ax, t in zip(axes, trained):
+        ax.plot(t.history["epoch"], t.history["train_loss"], label="train")
+        ax.plot(t.history["epoch"], t.history["val_loss"], label="validation")
+        ax.set(title=f"{t.label} loss", xlabel="epoch", ylabel=t.model.loss_unit, yscale="log")
+    ax = axes[len(trained)]
+    for t in trained:
+        ax.plot(t.history["epoch"], t.history["val_mse"], label=t.label)
+    ax.set(title="validation MSE (all models)", xlabel="epoch", ylabel="per-pixel MSE", yscale="log")
+    for ax, t in zip(axes[len(trained) + 1:], with_terms):
+        ax.plot(t.history["epoch"], t.history["val_recon"], label="reconstruction (val)")
+        ax.plot(t.history["epoch"], t.history["val_kl"], label="KL (val)")
+        ax.set(title=f"{t.label} loss terms", xlabel="epoch", ylabel=t.model.loss_unit, yscale="log")
     for ax in axes:
+        ax.legend()
         ax.grid(alpha=0.3)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -94,17 +120,22 @@ def plot_curves(histories: dict[str, pd.DataFrame], path: Path) -> None:
 
 
 @torch.no_grad()
-def vae_samples(model: VAE, test: np.ndarray, n_samples: int, steps: int, seed: int) -> dict[str, np.ndarray]:
+def prior_samples(model: Model, test: np.ndarray, n_samples: int, steps: int, seed: int) -> dict[str, np.ndarray]:
     """Images decoded from z ~ N(0, I), and a straight line between two test images' posterior means."""
     generator = torch.Generator().manual_seed(seed)
     model.eval()
-    z = torch.randn(n_samples, model.latent_dim, generator=generator)
-    samples = to_uint8(model.decode(z))
+    samples = to_uint8(model.sample(n_samples, generator))
     a, b = torch.randperm(len(test), generator=generator)[:2].tolist()
     mu = model.encode(to_unit(test[[a, b]]))[0]
     weights = torch.linspace(0, 1, steps).unsqueeze(1)
     line = to_uint8(model.decode((1 - weights) * mu[0] + weights * mu[1]))
     return {"samples": samples, "interpolation": line, "ends": np.stack([test[a], test[b]])}
+
+
+def grid_picks(n_test: int, n_images: int, seed: int) -> np.ndarray:
+    """The test images shown in the grid: drawn at random with the seed, in index order."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_test, size=min(n_images, n_test), replace=False))
 
 
 # --------------------------------------------------------------------------- tables and text
@@ -116,13 +147,26 @@ def _fmt(value: float, metric: str) -> str:
     return f"{value:.2f}" if metric == "psnr" else f"{value:.4f}"
 
 
-def metric_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The study's table (Metric | AE | VAE) with 95% intervals, plus the paired difference."""
+def _pairs(summary: pd.DataFrame, labels: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(summary key, label of a, label of b) of each paired difference in the summary."""
+    names = list(labels)
+    return [(f"{a}-{b}", labels[a], labels[b]) for i, a in enumerate(names) for b in names[i + 1:]
+            if f"{a}-{b}" in set(summary["model"])]
+
+
+def _row(summary: pd.DataFrame, model: str, metric: str) -> pd.Series:
+    return summary[(summary["model"] == model) & (summary["metric"] == metric)].iloc[0]
+
+
+def metric_table(summary: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    """The study's table (Metric | AE | VAE) with 95% intervals, plus each paired difference."""
+    columns = [(name, label) for name, label in labels.items()]
+    columns += [(key, f"{a} - {b} (paired)") for key, a, b in _pairs(summary, labels)]
     rows = []
     for metric in METRICS:
         row = {"Metric": LABELS[metric]}
-        for model, title in (("ae", "AE"), ("vae", "VAE"), ("ae-vae", "AE - VAE (paired)")):
-            s = summary[(summary["model"] == model) & (summary["metric"] == metric)].iloc[0]
+        for model, title in columns:
+            s = _row(summary, model, metric)
             row[title] = _fmt(s["mean"], metric)
             row[f"{title} 95% CI"] = (f"[{_fmt(s['ci_low'], metric)}, {_fmt(s['ci_high'], metric)}]"
                                       if not math.isnan(s["ci_low"]) else "n/a")
@@ -130,24 +174,25 @@ def metric_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def comparison_sentences(summary: pd.DataFrame) -> list[str]:
-    """One sentence per metric, saying only what the means and the paired interval support."""
+def comparison_sentences(summary: pd.DataFrame, labels: dict[str, str]) -> list[str]:
+    """One sentence per pair of models and metric, saying only what the means and the paired interval support."""
     sentences = []
-    for metric in METRICS:
-        get = lambda model: summary[(summary["model"] == model) & (summary["metric"] == metric)].iloc[0]  # noqa: E731
-        ae, vae, diff = get("ae"), get("vae"), get("ae-vae")
-        if math.isnan(ae["mean"]) or math.isnan(vae["mean"]):
-            sentences.append(f"{LABELS[metric]}: not available for this run.")
-            continue
-        better_ae = (ae["mean"] > vae["mean"]) == HIGHER_IS_BETTER[metric]
-        (winner, win), (loser, lose) = (("AE", ae), ("VAE", vae)) if better_ae else (("VAE", vae), ("AE", ae))
-        direction = "higher" if HIGHER_IS_BETTER[metric] else "lower"
-        if diff["ci_low"] > 0 or diff["ci_high"] < 0:
-            verdict = "the 95% interval of the paired difference excludes zero, so the gap is not sampling noise"
-        else:
-            verdict = "the 95% interval of the paired difference includes zero: no reliable difference on this test set"
-        sentences.append(f"{LABELS[metric]} ({direction} is better): {winner} {_fmt(win['mean'], metric)} vs "
-                         f"{loser} {_fmt(lose['mean'], metric)}; {verdict}.")
+    for key, label_a, label_b in _pairs(summary, labels):
+        a_name, b_name = next((a, b) for a in labels for b in labels if f"{a}-{b}" == key)
+        for metric in METRICS:
+            a, b, diff = _row(summary, a_name, metric), _row(summary, b_name, metric), _row(summary, key, metric)
+            if math.isnan(a["mean"]) or math.isnan(b["mean"]):
+                sentences.append(f"{LABELS[metric]}, {label_a} vs {label_b}: not available for this run.")
+                continue
+            better_a = (a["mean"] > b["mean"]) == HIGHER_IS_BETTER[metric]
+            (winner, win), (loser, lose) = ((label_a, a), (label_b, b)) if better_a else ((label_b, b), (label_a, a))
+            direction = "higher" if HIGHER_IS_BETTER[metric] else "lower"
+            if diff["ci_low"] > 0 or diff["ci_high"] < 0:
+                verdict = "the 95% interval of the paired difference excludes zero, so the gap is not sampling noise"
+            else:
+                verdict = "the 95% interval of the paired difference includes zero: no reliable difference on this test set"
+            sentences.append(f"{LABELS[metric]} ({direction} is better): {winner} {_fmt(win['mean'], metric)} vs "
+                             f"{loser} {_fmt(lose['mean'], metric)}; {verdict}.")
     return sentences
 
 
@@ -193,14 +238,9 @@ def to_html(title: str, sections: list[Section], folder: Path) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def architecture_rows(models: dict[str, torch.nn.Module], image_size: int) -> pd.DataFrame:
-    feature = f"256 x {image_size // 8} x {image_size // 8}"
-    rows = [{"Model": "AE", "Parameters": f"{parameter_count(models['ae']):,}",
-             "Bottleneck": f"{feature} = {256 * (image_size // 8) ** 2:,} values (deterministic)"}]
-    vae = models["vae"]
-    rows.append({"Model": "VAE", "Parameters": f"{parameter_count(vae):,}",
-                 "Bottleneck": f"{vae.latent_dim} Gaussian latents (mu and log-variance from the {feature} features)"})
-    return pd.DataFrame(rows)
+def architecture_rows(trained: list[Trained]) -> pd.DataFrame:
+    return pd.DataFrame([{"Model": t.label, "Parameters": f"{parameter_count(t.model):,}",
+                          "Bottleneck": t.model.code_size()} for t in trained])
 
 
 def write_report(folder: Path, sections: list[Section], title: str) -> None:
@@ -211,98 +251,113 @@ def write_report(folder: Path, sections: list[Section], title: str) -> None:
 # --------------------------------------------------------------------------- the stage
 
 
-def build_report(params, data_dir: Path, models_root: Path, metrics_dir: Path, out: Path) -> list[Path]:
+def build_report(params: Params, data_dir: Path, models: list[ModelDir], metrics: MetricsDir, out: Path) -> list[Path]:
     """Write every figure, table and the report into `out`; returns the files written."""
-    from aevae.data import load_split, read_manifest
-    from aevae.models import MODEL_KINDS, load_model
-    from aevae.train import BEST, HISTORY
-
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(data_dir)
     test = load_split(data_dir, "test")
-    recon = {k: np.load(metrics_dir / "reconstructions" / f"{k}.npy") for k in MODEL_KINDS}
-    per_image = pd.read_csv(metrics_dir / "per_image.csv")
-    summary = pd.read_csv(metrics_dir / "summary.csv")
-    histories = {k: pd.read_csv(models_root / k / HISTORY) for k in MODEL_KINDS}
-    models = {k: load_model(models_root / k / BEST, params.data.image_size)[0] for k in MODEL_KINDS}
+    trained = [Trained(d.name, load_model(d.best, params.data.image_size)[0], pd.read_csv(d.history),
+                       np.load(metrics.reconstructions(d.name))) for d in models]
+    labels = {t.name: t.label for t in trained}
+    per_image = pd.read_csv(metrics.per_image)
+    summary = pd.read_csv(metrics.summary)
 
-    rng = np.random.default_rng(params.seed)
-    picks = np.sort(rng.choice(len(test), size=min(params.report.grid_images, len(test)), replace=False))
-    save_png(image_grid({"Ground Truth": test[picks], "AE": recon["ae"][picks], "VAE": recon["vae"][picks]},
+    picks = grid_picks(len(test), params.report.grid_images, params.seed)
+    with atomic_path(out / "grid.csv") as tmp:
+        pd.DataFrame({"column": np.arange(len(picks)), "test_index": picks}).to_csv(tmp, index=False)
+    save_png(image_grid({"Ground Truth": test[picks], **{t.label: t.recon[picks] for t in trained}},
                         [f"#{i}" for i in picks]), out / "grid.png")
-    plot_curves(histories, out / "curves.png")
-    gen = vae_samples(models["vae"], test, params.report.samples, params.report.interpolation_steps, params.seed)
-    per_row = math.ceil(len(gen["samples"]) / 2)
-    save_png(image_grid({"z ~ N(0, I)": gen["samples"][:per_row], "": gen["samples"][per_row:]}), out / "samples.png")
-    steps = len(gen["interpolation"])
-    ends = [gen["ends"][0], *[None] * (steps - 2), gen["ends"][1]]  # above the line's first and last step
-    save_png(image_grid({"test images": ends, "decoded line": gen["interpolation"]}), out / "interpolation.png")
+    plot_curves(trained, out / "curves.png")
+    generative = [t for t in trained if t.model.generative]
+    if generative:
+        gen = prior_samples(generative[0].model, test, params.report.samples, params.report.interpolation_steps,
+                            params.seed)
+        per_row = math.ceil(len(gen["samples"]) / 2)
+        save_png(image_grid({"z ~ N(0, I)": gen["samples"][:per_row], "": gen["samples"][per_row:]}),
+                 out / "samples.png")
+        steps = len(gen["interpolation"])
+        ends = [gen["ends"][0], *[None] * (steps - 2), gen["ends"][1]]  # above the line's first and last step
+        save_png(image_grid({"test images": ends, "decoded line": gen["interpolation"]}), out / "interpolation.png")
     worst_rows, worst_titles = {}, []
-    for kind in MODEL_KINDS:
-        scores = per_image[per_image["model"] == kind].nsmallest(5, "psnr")
+    for t in trained:
+        scores = per_image[per_image["model"] == t.name].nsmallest(5, "psnr")
         idx = scores["index"].to_numpy()
-        worst_rows[f"{NAMES[kind]}: truth"] = test[idx]
-        worst_rows[f"{NAMES[kind]}: output"] = recon[kind][idx]
-        worst_titles.append(", ".join(f"#{i} {p:.1f} dB / SSIM {s:.2f}" for i, p, s in
-                                      zip(idx, scores["psnr"], scores["ssim"])))
+        worst_rows[f"{t.label}: truth"] = test[idx]
+        worst_rows[f"{t.label}: output"] = t.recon[idx]
+        worst_titles.append(f"{t.label}: " + ", ".join(f"#{i} {p:.1f} dB / SSIM {s:.2f}" for i, p, s in
+                                                       zip(idx, scores["psnr"], scores["ssim"])) + ".")
     save_png(image_grid(worst_rows), out / "worst.png")
 
-    table = metric_table(summary)
+    table = metric_table(summary, labels)
     with atomic_path(out / "metrics.csv") as tmp:
         table.to_csv(tmp, index=False)
-    write_report(out, _sections(params, manifest, models, histories, table, summary, worst_titles),
-                 "AutoEncoder vs Variational AutoEncoder")
+    sections = _sections(params, manifest, trained, table, summary, worst_titles, generative)
+    write_report(out, sections, "AutoEncoder vs Variational AutoEncoder")
     return sorted(p for p in out.iterdir() if p.is_file())
 
 
-def _sections(params, manifest, models, histories, table, summary, worst_titles) -> list[Section]:
+def _training_summary(t: Trained) -> str:
+    best = t.best_epoch()
+    text = f"{t.label} epoch {int(best['epoch'])} (val loss {best['val_loss']:.5g} {t.model.loss_unit}"
+    if "val_kl" in best:
+        text += f", of which KL {best['val_kl']:.1f}"
+    if "val_active_units" in best:
+        text += f"; {int(best['val_active_units'])} of {t.model.latent_dim} latent dimensions active"
+    return text + ")"
+
+
+def _sections(params, manifest, trained, table, summary, worst_titles, generative) -> list[Section]:
     counts = manifest["counts"]
     source = ("crops of the photographs shipped with scikit-image (" + ", ".join(manifest["photos"]) +
               "); test crops come from image regions that no training crop touches, but they may overlap one "
               "another, so the intervals below are optimistic: use your own folder for publishable numbers"
               if manifest["source"] == "builtin" else f"the images in {manifest['path']}")
-    lpips_note = ("LPIPS is v0.1 with the AlexNet backbone." if not table["AE"].eq("n/a").iloc[2] else
-                  "LPIPS is n/a: AlexNet's ImageNet weights were not available offline (see README).")
-    best = {k: histories[k].loc[histories[k]["val_loss"].idxmin()] for k in histories}
-    return [
+    lpips_missing = table.iloc[2][trained[0].label] == "n/a"
+    lpips_note = ("LPIPS is n/a: AlexNet's ImageNet weights were not available offline (see README)."
+                  if lpips_missing else "LPIPS is v0.1 with the AlexNet backbone.")
+    losses = "; ".join(f"{t.label}: {t.model.loss_unit}" for t in trained)
+    sections = [
         Section("Data", [
             f"{counts['train']} training, {counts['val']} validation and {counts['test']} test images of "
             f"{manifest['image_size']}x{manifest['image_size']} RGB: {source}. "
             f"{manifest['skipped_count']} unreadable files skipped. Data sha256 {manifest['sha256'][:16]}."]),
         Section("Models", [
-            "Both share the study's convolutional encoder (Conv 3-64-128-256, kernel 4, stride 2, BatchNorm, ReLU) "
-            "and its mirrored ConvTranspose decoder with a Sigmoid output. The VAE adds linear layers to the mean "
-            "and log-variance of its latent and back."], table=architecture_rows(models, manifest["image_size"])),
+            "All share the study's convolutional encoder (Conv 3-64-128-256, kernel 4, stride 2, BatchNorm, ReLU) "
+            "and its mirrored ConvTranspose decoder with a Sigmoid output; they differ in what lies between."],
+            table=architecture_rows(trained)),
         Section("Training", [
             f"Adam (lr {params.lr:g}, weight decay {params.weight_decay:g}), batch size {params.batch_size}, "
             f"{params.epochs} epochs, ReduceLROnPlateau on validation loss (factor {params.train.plateau_factor:g}, "
-            f"patience {params.train.plateau_patience}), seed {params.seed}. AE loss: per-pixel MSE. VAE loss per "
-            f"image in nats: summed squared error + {params.vae.beta:g} x KL"
+            f"patience {params.train.plateau_patience}), seed {params.seed}. Losses ({losses}); the VAE's per image "
+            f"in nats is summed squared error + {params.vae.beta:g} x KL"
             + (f", KL weight warmed up over {params.vae.kl_warmup_epochs} epochs" if params.vae.kl_warmup_epochs else "")
             + ". The best-validation checkpoint of each model is evaluated.",
-            f"Best epoch: AE {int(best['ae']['epoch'])} (val MSE {best['ae']['val_loss']:.5f}); "
-            f"VAE {int(best['vae']['epoch'])} (val loss {best['vae']['val_loss']:.1f} nats, of which KL "
-            f"{best['vae']['val_kl']:.1f}; {int(best['vae']['val_active_units'])} of {models['vae'].latent_dim} "
-            "latent dimensions active)."], image="curves.png"),
+            "Best epoch: " + "; ".join(_training_summary(t) for t in trained) + "."], image="curves.png"),
         Section("Reconstructions", [
-            f"{min(params.report.grid_images, counts['test'])} test images drawn at random (seed {params.seed}). "
-            "The VAE reconstructs from its posterior mean, so its output is deterministic. "
-            "Tiles are enlarged with nearest-neighbour, adding no blur."], image="grid.png"),
+            f"{min(params.report.grid_images, counts['test'])} test images drawn at random (seed {params.seed}; "
+            "their indices are in grid.csv). Models with a Gaussian latent reconstruct from its posterior mean, so "
+            "every output is deterministic. Tiles are enlarged with nearest-neighbour, adding no blur."], image="grid.png"),
         Section("Metrics on the test set", [
             f"Mean over {counts['test']} test images with a 95% percentile-bootstrap interval "
-            f"({params.eval.bootstrap_samples} resamples); the last columns are the paired per-image difference "
-            "AE - VAE. PSNR is computed per image (data range 1) and then averaged; SSIM uses the Gaussian "
-            f"11x11, sigma 1.5 window; {lpips_note}"], table=table),
-        Section("Comparison", comparison_sentences(summary)),
-        Section("Sampling and interpolation (VAE only)", [
-            "Images decoded from z ~ N(0, I), and the decoded straight line between two test images' posterior "
-            "means. The AE cannot do this: nothing in its training ties its 16,384-value code to a known "
-            "distribution, so there is no prior to draw codes from, and points between two codes need not "
-            "decode to images."], image="samples.png"),
-        Section("Interpolation", [
-            f"Two test images (top, at the ends) and the VAE's decoding of {params.report.interpolation_steps} "
-            "evenly spaced points on the line between their posterior means (bottom): the first and last points "
-            "are the two images' own reconstructions."], image="interpolation.png"),
-        Section("Worst test images (lowest PSNR)", [f"{NAMES[k]}: {t}." for k, t in zip(("ae", "vae"), worst_titles)],
-                image="worst.png"),
+            f"({params.eval.bootstrap_samples} resamples); the paired columns are the per-image difference "
+            "between two models. PSNR is computed per image (data range 1) and then averaged; SSIM uses the "
+            f"Gaussian 11x11, sigma 1.5 window; {lpips_note}"], table=table),
+        Section("Comparison", comparison_sentences(summary, {t.name: t.label for t in trained})),
     ]
+    if generative:
+        g = generative[0]
+        others = "; ".join(f"{t.label}'s {t.model.code_size()}" for t in trained if not t.model.generative)
+        sections += [
+            Section(f"Sampling ({g.label})", [
+                "Images decoded from z ~ N(0, I)." + (
+                    f" The deterministic models cannot do this ({others}): nothing in their training ties the "
+                    "code to a known distribution, so there is no prior to draw codes from, and points between "
+                    "two codes need not decode to images." if others else "")], image="samples.png"),
+            Section("Interpolation", [
+                f"Two test images (top, at the ends) and the {g.label}'s decoding of "
+                f"{params.report.interpolation_steps} evenly spaced points on the line between their posterior "
+                "means (bottom): the first and last points are the two images' own reconstructions."],
+                image="interpolation.png"),
+        ]
+    sections.append(Section("Worst test images (lowest PSNR)", worst_titles, image="worst.png"))
+    return sections

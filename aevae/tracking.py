@@ -5,21 +5,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from aevae import AevaeError, __version__
-from aevae.files import write_text
+from aevae.files import MetricsDir, ModelDir, write_text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "aevae"
-RUN_FILE = "run.json"
 
 
 def project_root() -> Path:
@@ -120,6 +123,30 @@ def start_run(name: str, params: dict[str, Any], tags: dict[str, str], run_id: s
 
 
 @contextmanager
+def training_run(name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None,
+                 run_file: Path) -> Iterator[str]:
+    """The run a training logs into (a new one, or `run_id` when resuming); its id goes to `run_file`."""
+    with start_run(name, params, tags, run_id=run_id) as run:
+        write_run_file(run_file, run)
+        yield run.info.run_id
+
+
+def log_epoch(row: dict[str, float]) -> None:
+    """One epoch's history row as metrics of the active run, at step = epoch."""
+    import mlflow
+
+    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+def log_trained_model(out: ModelDir, best_val: float) -> None:
+    import mlflow
+
+    mlflow.log_metric("best_val_loss", best_val)
+    mlflow.log_artifact(str(out.best), artifact_path="checkpoints")
+    mlflow.log_artifact(str(out.history))
+
+
+@contextmanager
 def resume_run(run_file: Path) -> Iterator[Any]:
     """Reopen the run whose id training wrote to `run_file`, so later stages log into it."""
     try:
@@ -148,13 +175,27 @@ def write_run_file(path: Path, run: Any) -> None:
     write_text(path, json.dumps(info, indent=2) + "\n")
 
 
-def log_report(files: list[Path], models_root: Path, data_dir: Path, params: dict[str, Any]) -> None:
-    """A `report` run holding every report file, tagged with the model runs it summarises."""
-    from aevae.data import read_manifest
+def run_id_of(model: ModelDir) -> str:
+    return json.loads(model.run_file.read_text(encoding="utf-8"))["run_id"]
 
-    tags = run_tags(read_manifest(data_dir)["sha256"], params)
-    for kind in ("ae", "vae"):
-        tags[f"{kind}_run_id"] = json.loads((models_root / kind / RUN_FILE).read_text(encoding="utf-8"))["run_id"]
+
+def log_test_results(models: list[ModelDir], metrics: MetricsDir, summary: "pd.DataFrame", tags: dict[str, str]) -> None:
+    """Test metrics into each model's training run, so MLflow shows params and test scores side by side."""
+    import mlflow
+
+    for model in models:
+        rows = summary[summary["model"] == model.name]
+        with resume_run(model.run_file):
+            mlflow.log_metrics({f"test_{r.metric}": r.mean for r in rows.itertuples() if not math.isnan(r.mean)})
+            mlflow.set_tags(tags)
+            for path in (metrics.eval_json, metrics.per_image, metrics.summary):
+                mlflow.log_artifact(str(path), artifact_path="eval")
+
+
+def log_report(files: list[Path], models: list[ModelDir], data_sha256: str, params: dict[str, Any]) -> None:
+    """A `report` run holding every report file, tagged with the model runs it summarises."""
+    tags = run_tags(data_sha256, params)
+    tags.update({f"{model.name}_run_id": run_id_of(model) for model in models})
     with start_run("report", {}, tags):
         import mlflow
 

@@ -32,24 +32,34 @@ def _train_images(n: int):
     return load_split(OUT / "prepared", "train")[:n]
 
 
+def _model_and_optimizer(kind: str):
+    """A model as the training stage builds it (default params), channels_last, with its Adam."""
+    import torch
+
+    from aevae.models import build_model
+    from aevae.params import Params
+    from aevae.train import make_optimizer
+
+    params = Params()
+    torch.manual_seed(0)
+    model = build_model(kind, params).to(memory_format=torch.channels_last)
+    return model, make_optimizer(model, lr=params.lr, weight_decay=params.weight_decay)
+
+
 def measure_train_ours(kind: str, n: int, precision: str = "fp32") -> dict:
     """aevae's training epoch: uint8 tensors in memory, channels_last batches."""
     import torch
 
-    from aevae.params import Params, TrainParams
-    from aevae.train import make_optimizer, run_epoch, to_tensor
+    from aevae.train import run_epoch, to_tensor
 
     images = to_tensor(_train_images(n))
-    params = Params(train=TrainParams(precision=precision))
-    torch.manual_seed(0)
-    from aevae.models import build_model
-
-    model = build_model(kind).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, params)
+    model, optimizer = _model_and_optimizer(kind)
     generator = torch.Generator().manual_seed(0)
-    run_epoch(model, images[:128], params, torch.device("cpu"), 1.0, optimizer, generator)  # warm-up
+    step = {"batch_size": 64, "device": torch.device("cpu"), "precision": precision, "optimizer": optimizer,
+            "generator": generator}
+    run_epoch(model, images[:128], **step)  # warm-up
     start = time.perf_counter()
-    run_epoch(model, images, params, torch.device("cpu"), 1.0, optimizer, generator)
+    run_epoch(model, images, **step)
     return {"images_per_s": len(images) / (time.perf_counter() - start)}
 
 
@@ -60,18 +70,14 @@ def measure_train_ceiling(kind: str, n: int) -> dict:
     """
     import torch
 
-    from aevae.models import build_model
-    from aevae.params import Params
-    from aevae.train import batches, losses, make_optimizer, to_tensor
+    from aevae.train import batches, to_tensor
 
-    params = Params()
-    torch.manual_seed(0)
-    model = build_model(kind).to(memory_format=torch.channels_last).train()
-    optimizer = make_optimizer(model, params)
+    model, optimizer = _model_and_optimizer(kind)
+    model.train()
     x = next(batches(to_tensor(_train_images(64)), 64, torch.device("cpu")))
 
     def step() -> None:
-        loss = losses(model, x, 1.0)["loss"]
+        loss = model.loss(x, epoch=1).value
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -90,19 +96,15 @@ def measure_precision_quality(precision: str, n: int, epochs: int) -> dict:
 
     from aevae.data import load_split
     from aevae.metrics import reconstruct_all, score_images
-    from aevae.models import build_model
-    from aevae.params import Params, TrainParams
-    from aevae.train import make_optimizer, run_epoch, to_tensor
+    from aevae.train import run_epoch, to_tensor
 
     images = to_tensor(_train_images(n))
-    params = Params(train=TrainParams(precision=precision))
-    torch.manual_seed(0)
-    model = build_model("ae").to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, params)
+    model, optimizer = _model_and_optimizer("ae")
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for _ in range(epochs):
-        run_epoch(model, images, params, torch.device("cpu"), 1.0, optimizer, generator)
+        run_epoch(model, images, batch_size=64, device=torch.device("cpu"), precision=precision,
+                  optimizer=optimizer, generator=generator)
     seconds = time.perf_counter() - start
     test = load_split(OUT / "prepared", "test")
     scores = score_images(reconstruct_all(model, test, 100, torch.device("cpu")), test, 100, None, torch.device("cpu"))
@@ -117,22 +119,17 @@ def measure_train_baseline(kind: str, n: int) -> dict:
     from torch.utils.data import DataLoader, Subset
 
     from aevae.models import build_model
+    from aevae.params import Params
 
     dataset = torchvision.datasets.ImageFolder(str(OUT / "folder"), transform=torchvision.transforms.ToTensor())
     torch.manual_seed(0)
-    model = build_model(kind)
+    model = build_model(kind, Params())
     optimizer = torch.optim.Adam(model.parameters(), lr=0.002, weight_decay=1e-5)
 
     def epoch(data) -> None:
         model.train()
         for x, _ in DataLoader(data, batch_size=64, shuffle=True):
-            out = model(x)
-            if isinstance(out, tuple):  # VAE: the same loss as ours
-                x_hat, mu, logvar = out
-                loss = ((x_hat - x) ** 2).flatten(1).sum(1).mean() + (
-                    -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)).mean()
-            else:
-                loss = torch.nn.functional.mse_loss(out, x)
+            loss = model.loss(x).value  # the same loss as ours; what differs is the data path
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -60,16 +60,16 @@ def step_load_and_train() -> dict:
     from aevae.data import load_split
     from aevae.models import build_model
     from aevae.params import Params
-    from aevae.train import batches, losses, make_optimizer, to_tensor
+    from aevae.train import batches, make_optimizer, to_tensor
 
     start = time.perf_counter()
     train_x, val_x = (to_tensor(load_split(OUT / "prepared", s)) for s in ("train", "val"))
     loaded = time.perf_counter() - start
     params = Params()
-    model = build_model("vae").to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, params)
+    model = build_model("vae", params).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, lr=params.lr, weight_decay=params.weight_decay)
     for step, x in enumerate(batches(train_x, params.batch_size, torch.device("cpu"), torch.Generator())):
-        loss = losses(model, x, 1.0)["loss"]
+        loss = model.loss(x, epoch=1).value
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -14,7 +14,7 @@ log = logging.getLogger("prepare")
 
 @click.command()
 @params_option
-@click.option("--out", default="data/prepared", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder for the split arrays and manifest.json (replaced only on success).")
 def main(params_file: str, out: str) -> None:
     """Decode, crop and resize images (data.source: builtin or folder), split them into

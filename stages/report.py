@@ -5,7 +5,10 @@ from pathlib import Path
 
 import click
 
+from aevae import tracking
 from aevae.cli import params_option, run
+from aevae.data import read_manifest
+from aevae.files import MetricsDir, ModelDir
 from aevae.params import load_params
 from aevae.report import build_report
 
@@ -14,18 +17,19 @@ log = logging.getLogger("report")
 
 @click.command()
 @params_option
-@click.option("--data", "data_dir", default="data/prepared", show_default=True, type=click.Path(file_okay=False))
-@click.option("--models", "models_root", default="models", show_default=True, type=click.Path(file_okay=False))
-@click.option("--metrics", "metrics_dir", default="metrics", show_default=True, type=click.Path(file_okay=False))
-@click.option("--out", default="reports", show_default=True, type=click.Path(file_okay=False))
-def main(params_file: str, data_dir: str, models_root: str, metrics_dir: str, out: str) -> None:
-    """Draw the comparison grid, loss curves, VAE samples and worst cases, write the metric table and
-    report.md / report.html, and log them to MLflow as a `report` run."""
-    from aevae import tracking
-
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder of the prepare stage.")
+@click.option("--metrics", "metrics_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder of the evaluate stage.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the report.")
+@click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False))
+def main(params_file: str, data_dir: str, metrics_dir: str, out: str, models: tuple[str, ...]) -> None:
+    """Draw the comparison grid, loss curves, samples and worst cases of the models in MODELS folders,
+    write the metric table and report.md / report.html, and log them to MLflow as a `report` run."""
     params = load_params(params_file)
-    files = build_report(params, Path(data_dir), Path(models_root), Path(metrics_dir), Path(out))
-    tracking.log_report(files, Path(models_root), Path(data_dir), params.flat())
+    model_dirs = [ModelDir(Path(m)) for m in models]
+    files = build_report(params, Path(data_dir), model_dirs, MetricsDir(Path(metrics_dir)), Path(out))
+    tracking.log_report(files, model_dirs, read_manifest(Path(data_dir))["sha256"], params.flat())
     log.info("wrote %s: %s", out, ", ".join(p.name for p in files))
 
 

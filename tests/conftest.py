@@ -14,6 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    """A fresh sqlite MLflow store that every run in the test (and its child processes) logs to."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
 def write_params(tmp_path):
     """Write a params.yaml overriding the defaults with `overrides` (nested dicts); returns its path."""
 

@@ -6,6 +6,7 @@ from torch.distributions import Normal, kl_divergence as torch_kl
 
 from aevae import AevaeError
 from aevae.models import (
+    MODELS,
     VAE,
     AutoEncoder,
     active_units,
@@ -17,6 +18,11 @@ from aevae.models import (
     reconstruction_error,
     save_model,
 )
+from aevae.params import DataParams, Params, VAEParams
+
+
+def small_params(image_size: int = 64, latent_dim: int = 8) -> Params:
+    return Params(data=DataParams(image_size=image_size), vae=VAEParams(latent_dim=latent_dim))
 
 
 def test_ae_is_the_studys_architecture():
@@ -45,8 +51,30 @@ def test_vae_reuses_the_ae_parts():
 @pytest.mark.parametrize("size", [32, 64, 96])
 def test_models_follow_the_image_size(size):
     x = torch.rand(2, 3, size, size)
-    for kind in ("ae", "vae"):
-        assert build_model(kind, size, 8).eval().reconstruct(x).shape == x.shape
+    for kind in MODELS:
+        assert build_model(kind, small_params(size)).eval().reconstruct(x).shape == x.shape
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_every_model_keeps_the_one_contract(kind, tmp_path):
+    """What training, evaluation and the report rely on, for every kind alike."""
+    torch.manual_seed(0)
+    model = build_model(kind, small_params(32))
+    x = torch.rand(4, 3, 32, 32)
+    loss = model.train().loss(x, epoch=1)
+    assert {"loss", "mse"} <= set(loss.terms) and loss.terms["loss"] is loss.value
+    assert all(t.ndim == 0 and torch.isfinite(t) for t in loss.terms.values())
+    loss.value.backward()  # the value to minimise is differentiable
+    grouped = [p for group in model.param_groups(0.01) for p in group["params"]]
+    assert sorted(map(id, grouped)) == sorted(map(id, model.parameters()))  # each parameter in one group
+    assert all(group["lr"] <= 0.01 for group in model.param_groups(0.01))
+    assert isinstance(model.loss_unit, str) and model.label and model.code_size()
+    save_model(tmp_path / "m.pt", model, epoch=1)
+    loaded, meta = load_model(tmp_path / "m.pt", image_size=32)
+    assert type(loaded) is type(model) and loaded.config == model.config and meta["kind"] == kind
+    model.eval()
+    assert torch.equal(loaded.reconstruct(x), model.reconstruct(x))
+    assert loaded.reconstruct(x).shape == x.shape
 
 
 def test_kl_matches_closed_form_and_torch_distributions():
@@ -74,14 +102,15 @@ def test_active_units_counts_varying_dimensions():
 
 def test_checkpoint_round_trip_and_mismatches(tmp_path):
     vae = VAE(64, 8)
-    save_model(tmp_path / "vae.pt", vae, "vae", 64, epoch=3)
+    save_model(tmp_path / "vae.pt", vae, epoch=3)
     loaded, meta = load_model(tmp_path / "vae.pt", image_size=64)
     assert meta["epoch"] == 3 and isinstance(loaded, VAE)
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), loaded.state_dict().values()))
     with pytest.raises(AevaeError, match="trained on 64px"):
         load_model(tmp_path / "vae.pt", image_size=32)
     ae_state = AutoEncoder().state_dict()
-    torch.save({"kind": "vae", "image_size": 64, "latent_dim": 8, "state_dict": ae_state}, tmp_path / "wrong.pt")
+    torch.save({"kind": "vae", "config": {"image_size": 64, "latent_dim": 8}, "state_dict": ae_state},
+               tmp_path / "wrong.pt")
     with pytest.raises(AevaeError, match="does not match the vae architecture"):
         load_model(tmp_path / "wrong.pt")
     with pytest.raises(AevaeError, match="not found"):

@@ -114,7 +114,8 @@ def test_grid_shows_ground_truth_ae_and_vae_tiles_without_blur(repo):
     grid = np.asarray(Image.open(repo / "reports/grid.png").convert("RGB"))
     test = np.load(repo / "data/prepared/test.npy")
     rows = [test] + [np.load(repo / f"metrics/reconstructions/{k}.npy") for k in ("ae", "vae")]
-    picks = np.sort(np.random.default_rng(0).choice(len(test), size=min(10, len(test)), replace=False))
+    picks = pd.read_csv(repo / "reports/grid.csv")["test_index"].to_numpy()  # the report says which it drew
+    assert len(picks) == min(10, len(test)) and len(set(picks)) == len(picks)
     tile = test.shape[1] * TILE_SCALE
     height, width = grid.shape[:2]
     left = width - GAP - len(picks) * (tile + GAP)  # the label column's width
@@ -150,6 +151,27 @@ def test_mlflow_has_both_model_runs_and_the_report(repo):
 def test_second_repro_does_nothing(repo, env):
     out = run(["dvc", "repro"], repo, env).stdout
     assert "Running stage" not in out and "up to date" in out
+
+
+def test_changing_only_reconstruct_reruns_evaluation(repo, env):
+    """The graph is true: a change to the code evaluation runs makes its metrics stale, and DVC sees it."""
+    models = repo / "aevae/models.py"
+    original = models.read_text()
+    before = json.loads((repo / "metrics/eval.json").read_text())
+    halved = original.replace('return self.decode(self.encode(x)[0])', 'return self.decode(self.encode(x)[0]) * 0.5')
+    assert halved != original
+    models.write_text(halved)
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], repo, env).stdout)
+        assert "aevae/models.py" in json.dumps(status["evaluate"])
+        run(["dvc", "repro", "--single-item", "evaluate"], repo, env)
+        after = json.loads((repo / "metrics/eval.json").read_text())
+        assert after["vae"]["psnr"] < before["vae"]["psnr"] - 1  # half as bright: far worse, and re-measured
+        assert after["ae"] == before["ae"]
+    finally:
+        models.write_text(original)
+        run(["dvc", "repro", "--single-item", "evaluate"], repo, env)
+    assert json.loads((repo / "metrics/eval.json").read_text()) == before
 
 
 def test_a_vae_only_experiment_reuses_the_committed_ae(repo, env):

@@ -1,0 +1,89 @@
+"""dvc.yaml is the true map: each stage depends on exactly the package modules its script imports."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = "aevae"
+
+
+def _module_file(name: str) -> Path | None:
+    """The file of package module `name` (a package's __init__.py), or None for a name inside a module."""
+    base = REPO / name.replace(".", "/")
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(path: Path) -> set[Path]:
+    """Package modules a file imports anywhere in it (function bodies too), with the packages they sit in."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from aevae import tracking`
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    found = set()
+    for name in names:
+        if name.split(".")[0] != PACKAGE:
+            continue
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing aevae.x runs aevae/__init__.py first
+            if (file := _module_file(".".join(parts[:i]))) is not None:
+                found.add(file)
+    return found
+
+
+def import_closure(script: Path) -> set[str]:
+    todo, seen = imported_modules(script), set()
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo |= imported_modules(module)
+    return {p.relative_to(REPO).as_posix() for p in seen}
+
+
+def stages() -> dict[str, dict]:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+def test_every_stage_depends_on_exactly_the_modules_it_imports():
+    problems = []
+    for name, stage in stages().items():
+        scripts = [REPO / s for s in re.findall(r"\S+\.py", stage["cmd"])]
+        assert scripts and all(s.is_file() for s in scripts), f"{name}: no script in cmd {stage['cmd']!r}"
+        needed = set().union(*(import_closure(s) for s in scripts))
+        listed = {d for d in stage["deps"] if d.startswith(f"{PACKAGE}/")}
+        if needed - listed:
+            problems.append(f"{name} imports but does not depend on {sorted(needed - listed)}")
+        if listed - needed:
+            problems.append(f"{name} depends on but never imports {sorted(listed - needed)}")
+        if not {s.relative_to(REPO).as_posix() for s in scripts} <= set(stage["deps"]):
+            problems.append(f"{name} does not depend on its own script")
+    assert not problems, "; ".join(problems)
+
+
+def test_the_closure_follows_imports_inside_functions(tmp_path):
+    """The check itself: a lazy import deep in a module still counts."""
+    script = tmp_path / "stage.py"
+    script.write_text("def main():\n    from aevae.report import build_report\n")
+    closure = import_closure(script)
+    assert {"aevae/__init__.py", "aevae/report.py", "aevae/metrics.py", "aevae/tracking.py"} <= closure
+
+
+def test_every_output_of_a_stage_lies_in_a_folder_its_cmd_names():
+    """Paths are written once, in dvc.yaml: a stage writes only where its cmd tells it to."""
+    for name, stage in stages().items():
+        args = set(stage["cmd"].split())
+        for out in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
+            path = Path(next(iter(out)) if isinstance(out, dict) else out)
+            assert {path.as_posix(), *(p.as_posix() for p in path.parents)} & args, \
+                f"{name}: {path} is not under a folder passed in its cmd"

@@ -7,7 +7,7 @@ Conventions (PITFALLS.md #6), stated once here and in the report:
 - SSIM uses the paper's Gaussian window, 11x11 with sigma 1.5 (Wang et al. 2004), per image, averaged
   over the three channels and over window positions inside the image (border of 5 px left out);
 - LPIPS is version 0.1 with the AlexNet backbone (the metric's standard setting), inputs mapped from
-  [0, 1] to [-1, 1].
+  [0, 1] to [-1, 1]; where the backbone's weights came from is written beside every LPIPS number.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm.auto import tqdm
 
-from aevae import AevaeError, tracking
+from aevae import tracking
 from aevae.data import load_split
 from aevae.files import MetricsDir, ModelDir, atomic_path, write_text
+from aevae.lpips_model import LPIPSUnavailable, load_lpips
 from aevae.models import load_model, pick_device
 from aevae.params import Params
 
@@ -35,36 +36,6 @@ log = logging.getLogger(__name__)
 
 METRICS = ("psnr", "ssim", "lpips")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
-ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
-
-
-class LPIPSUnavailable(AevaeError):
-    """AlexNet's ImageNet weights, which LPIPS needs, are not in the torch hub cache and cannot be fetched."""
-
-
-def alexnet_weights_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(ALEXNET_URL).name
-
-
-def load_lpips(device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The reference LPIPS model (lpips package, v0.1, AlexNet), loaded once; fails fast offline."""
-    import warnings
-
-    import lpips
-
-    try:
-        with warnings.catch_warnings():  # lpips passes torchvision the deprecated `pretrained=True`
-            warnings.simplefilter("ignore", UserWarning)
-            model = lpips.LPIPS(net="alex", version="0.1", verbose=False)
-    except OSError as err:  # URLError when offline, or a broken file in the cache
-        raise LPIPSUnavailable(
-            f"LPIPS needs AlexNet's ImageNet weights at {alexnet_weights_path()} ({type(err).__name__}: {err}). "
-            f"Download {ALEXNET_URL} to that path, or run once online: "
-            "python -c \"import torchvision; torchvision.models.alexnet(weights='IMAGENET1K_V1')\""
-        ) from None
-    return model.eval().to(device)
-
-
 def psnr_per_image(pred: Tensor, target: Tensor) -> Tensor:
     return peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
 
@@ -162,13 +133,15 @@ def _json_number(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 6)
 
 
-def write_results(out: MetricsDir, per_image: pd.DataFrame, summary: pd.DataFrame, lpips_real: bool) -> dict:
+def write_results(out: MetricsDir, per_image: pd.DataFrame, summary: pd.DataFrame, lpips_source: str | None) -> dict:
     """eval.json (DVC metrics), per_image.csv and summary.csv; returns eval.json's content."""
     models = list(per_image["model"].unique())
     means = {model: {row.metric: _json_number(row.mean) for row in group.itertuples()}
              for model, group in summary.groupby("model", sort=False) if model in models}
     result = {"test_images": int(per_image.groupby("model").size().max()), **means,
-              "lpips_available": lpips_real}
+              "lpips_available": lpips_source is not None, "lpips_backbone": lpips_source}
+    lpips_note = f"AlexNet weights: {lpips_source}" if lpips_source else "no AlexNet weights: LPIPS missing"
+    summary = summary.assign(source=np.where(summary["metric"] == "lpips", lpips_note, ""))
     with atomic_path(out.per_image) as tmp:
         per_image.to_csv(tmp, index=False, float_format="%.6f", na_rep="NaN")
     with atomic_path(out.summary) as tmp:
@@ -177,18 +150,24 @@ def write_results(out: MetricsDir, per_image: pd.DataFrame, summary: pd.DataFram
     return result
 
 
+def lpips_or_none(device: torch.device, required: bool) -> tuple[torch.nn.Module | None, str | None]:
+    """The LPIPS model and its backbone's source; (None, None) with a warning when no weights pass their
+    check, unless `required` (eval.require_lpips), which makes that an error."""
+    try:
+        return load_lpips(device)
+    except LPIPSUnavailable as err:
+        if required:
+            raise
+        log.warning("%s LPIPS is recorded as missing (NaN in files, n/a in the report); "
+                    "set eval.require_lpips: true to make this an error.", err)
+        return None, None
+
+
 def evaluate(params: Params, data_dir: Path, models: list[ModelDir], out: MetricsDir) -> dict:
     """Score each model's best checkpoint on the test split; write `out` and log to the models' runs."""
     device = pick_device(params.train.device)
     test = load_split(data_dir, "test")
-    try:
-        lpips_model = load_lpips(device)
-    except LPIPSUnavailable as err:
-        if params.eval.require_lpips:
-            raise
-        log.warning("%s. LPIPS is recorded as missing (NaN in files, n/a in the report); "
-                    "set eval.require_lpips: true to make this an error.", err)
-        lpips_model = None
+    lpips_model, lpips_source = lpips_or_none(device, params.eval.require_lpips)
     frames = []
     for model_dir in models:
         model = load_model(model_dir.best, params.data.image_size)[0]
@@ -201,7 +180,6 @@ def evaluate(params: Params, data_dir: Path, models: list[ModelDir], out: Metric
         frames.append(scores)
     per_image = pd.concat(frames, ignore_index=True)
     summary = summarize(per_image, params.eval.bootstrap_samples, params.seed)
-    result = write_results(out, per_image, summary, lpips_real=lpips_model is not None)
-    tracking.log_test_results(models, out, summary, {
-        "lpips": "real (AlexNet, v0.1)" if lpips_model is not None else "missing: AlexNet weights not found"})
+    result = write_results(out, per_image, summary, lpips_source)
+    tracking.log_test_results(models, out, summary, {"lpips_backbone": lpips_source or "missing: no AlexNet weights"})
     return result

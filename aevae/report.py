@@ -313,8 +313,9 @@ def _sections(params, manifest, trained, table, summary, worst_titles, generativ
               "another, so the intervals below are optimistic: use your own folder for publishable numbers"
               if manifest["source"] == "builtin" else f"the images in {manifest['path']}")
     lpips_missing = table.iloc[2][trained[0].label] == "n/a"
-    lpips_note = ("LPIPS is n/a: AlexNet's ImageNet weights were not available offline (see README)."
-                  if lpips_missing else "LPIPS is v0.1 with the AlexNet backbone.")
+    lpips_source = summary.loc[summary["metric"] == "lpips", "source"].iloc[0]
+    lpips_note = ("LPIPS is n/a: no AlexNet weights were found that passed their check (see README)."
+                  if lpips_missing else f"LPIPS is v0.1 with the AlexNet backbone ({lpips_source}).")
     losses = "; ".join(f"{t.label}: {t.model.loss_unit}" for t in trained)
     sections = [
         Section("Data", [

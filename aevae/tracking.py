@@ -211,6 +211,8 @@ def compare_runs(experiment: str = EXPERIMENT) -> "pd.DataFrame":
     import mlflow
     import pandas as pd
 
+    from aevae.models import MODEL_KINDS
+
     mlflow.set_tracking_uri(tracking_uri())
     try:
         runs = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time ASC"])
@@ -218,7 +220,7 @@ def compare_runs(experiment: str = EXPERIMENT) -> "pd.DataFrame":
         raise AevaeError(f"cannot read MLflow store {tracking_uri()}: {err}".replace("\n", " ")) from None
     if runs.empty:
         return pd.DataFrame()
-    runs = runs[runs["tags.mlflow.runName"].isin(["ae", "vae"])].reset_index(drop=True)
+    runs = runs[runs["tags.mlflow.runName"].isin(MODEL_KINDS)].reset_index(drop=True)
     table = pd.DataFrame({
         "run_id": runs["run_id"].str[:8],
         "model": runs["tags.mlflow.runName"],

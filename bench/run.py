@@ -153,21 +153,18 @@ def _eval_images(n: int):
 
 
 def _lpips_model():
-    from aevae.metrics import LPIPSUnavailable, load_lpips
+    from aevae.lpips_model import Backbone, LPIPSUnavailable, load_lpips
 
     try:
-        return load_lpips(), "real AlexNet weights"
+        model, source = load_lpips()
+        return model, f"real AlexNet weights ({source})"
     except LPIPSUnavailable:
         # Same network, same cost; the values are not LPIPS and are not reported, only timed.
-        import torch
         import torchvision
 
-        home = OUT / "torch_home"
-        path = home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
-        os.environ["TORCH_HOME"] = str(home)
-        return load_lpips(), "randomly initialised AlexNet (weights offline); timing only"
+        features = torchvision.models.alexnet(weights=None).features.state_dict()
+        model, _ = load_lpips(backbone=Backbone(features, "random stand-in"))
+        return model, "randomly initialised AlexNet (no weights found); timing only"
 
 
 def measure_eval_ours(n: int) -> dict:

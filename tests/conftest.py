@@ -1,4 +1,4 @@
-"""Fixtures that make tiny real data: images on disk, params files, a synthetic AlexNet checkpoint."""
+"""Fixtures that make tiny real data: images on disk, params files, MLflow stores, an empty torch cache."""
 
 from __future__ import annotations
 
@@ -56,24 +56,6 @@ def image_folder(tmp_path) -> Path:
         ext = "png" if i % 3 else "jpg"
         Image.fromarray(random_photo(rng)).save(sub / f"img_{i:02d}.{ext}")
     return root
-
-
-@pytest.fixture
-def fake_alexnet(tmp_path, monkeypatch) -> Path:
-    """A randomly initialised AlexNet checkpoint where torchvision looks for the ImageNet weights.
-
-    Exercises the real LPIPS code offline. Numbers computed with it are NOT LPIPS and are only ever
-    compared with each other (lpips package vs torchmetrics), never reported.
-    """
-    import torchvision
-
-    torch.manual_seed(0)
-    torch_home = tmp_path / "torch_home"
-    path = torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
-    path.parent.mkdir(parents=True)
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    return path
 
 
 @pytest.fixture

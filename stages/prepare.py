@@ -1,13 +1,19 @@
 """DVC stage `prepare`: images -> data/prepared/{train,val,test}.npy + manifest.json."""
 
-import logging
+import sys
 from pathlib import Path
 
-import click
+# This checkout's aevae, not an installed copy: inside `dvc exp run` the stage runs in DVC's copy of the
+# commit under test, and must run that commit's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aevae.cli import params_option, run
-from aevae.data import prepare
-from aevae.params import load_params
+import logging  # noqa: E402
+
+import click  # noqa: E402
+
+from aevae.cli import params_option, run  # noqa: E402
+from aevae.data import prepare  # noqa: E402
+from aevae.params import load_params  # noqa: E402
 
 log = logging.getLogger("prepare")
 

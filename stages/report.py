@@ -1,16 +1,22 @@
 """DVC stage `report`: metrics/ + models/ -> reports/ (figures, tables, report.md and report.html)."""
 
-import logging
+import sys
 from pathlib import Path
 
-import click
+# This checkout's aevae, not an installed copy: inside `dvc exp run` the stage runs in DVC's copy of the
+# commit under test, and must run that commit's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aevae import tracking
-from aevae.cli import params_option, run
-from aevae.data import read_manifest
-from aevae.files import MetricsDir, ModelDir
-from aevae.params import load_params
-from aevae.report import build_report
+import logging  # noqa: E402
+
+import click  # noqa: E402
+
+from aevae import tracking  # noqa: E402
+from aevae.cli import params_option, run  # noqa: E402
+from aevae.data import read_manifest  # noqa: E402
+from aevae.files import MetricsDir, ModelDir  # noqa: E402
+from aevae.params import load_params  # noqa: E402
+from aevae.report import build_report  # noqa: E402
 
 log = logging.getLogger("report")
 

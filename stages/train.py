@@ -1,14 +1,19 @@
 """DVC stages `train_<model>`: data/prepared -> models/<model>/."""
 
+import sys
 from pathlib import Path
 
-import click
+# This checkout's aevae, not an installed copy: inside `dvc exp run` the stage runs in DVC's copy of the
+# commit under test, and must run that commit's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aevae.cli import params_option, run
-from aevae.files import ModelDir
-from aevae.models import MODEL_KINDS
-from aevae.params import load_params
-from aevae.train import train
+import click  # noqa: E402
+
+from aevae.cli import params_option, run  # noqa: E402
+from aevae.files import ModelDir  # noqa: E402
+from aevae.models import MODEL_KINDS  # noqa: E402
+from aevae.params import load_params  # noqa: E402
+from aevae.train import train  # noqa: E402
 
 
 @click.command()

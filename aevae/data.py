@@ -143,27 +143,57 @@ def builtin_cells(params: DataParams, seed: int) -> tuple[dict[str, list[tuple[i
     return {split: [cells[k] for k in order[a:b]] for split, (a, b) in ranges.items()}, cell
 
 
+# Two test images this close are the same picture to a reader and count twice in every interval; a test
+# crop closer than this to an earlier one is drawn again. 30 dB PSNR is an RMS difference of 3% of the range.
+NEAR_DUPLICATE_PSNR_DB = 30.0
+MAX_DRAWS_PER_TEST_IMAGE = 200
+
+
+def psnr_to_each(image: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """PSNR (dB, data range 1) of uint8 `image` against each uint8 image in `others`."""
+    if len(others) == 0:
+        return np.empty(0)
+    diff = others.astype(np.float32) / 255 - image.astype(np.float32) / 255
+    mse = np.square(diff).reshape(len(others), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return 10 * np.log10(1 / mse)
+
+
 def builtin_crops(params: DataParams, seed: int) -> Iterator[tuple[str, np.ndarray]]:
     """Random crops of the built-in photographs, yielded as (split, image).
 
     Each photograph is cut into a grid of cells and whole cells are assigned to a split; a crop never
-    crosses its cell, so test images share no pixel with training images.
+    crosses its cell, so test images share no pixel with training images. No two test images are within
+    NEAR_DUPLICATE_PSNR_DB of each other: a test crop that close to an earlier one is drawn again.
     """
     size = params.image_size
     cells_of, cell = builtin_cells(params, seed)
     photos = _builtin_photos()
     rng = np.random.default_rng([seed, 1])
     n_images = split_sizes(params.builtin_size, params.val_fraction, params.test_fraction)
-    for split in SPLITS:
+
+    def draw(split: str) -> np.ndarray:
+        i, y, x = cells_of[split][rng.integers(len(cells_of[split]))]
+        side = int(rng.integers(size * 3 // 4, cell + 1))
+        dy, dx = rng.integers(0, cell - side + 1, size=2)
+        crop = photos[i][y + dy: y + dy + side, x + dx: x + dx + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BICUBIC))
+
+    test = np.empty((n_images["test"], size, size, 3), dtype=np.uint8)
+    for k in range(n_images["test"]):
+        for _ in range(MAX_DRAWS_PER_TEST_IMAGE):
+            test[k] = draw("test")
+            if not (psnr_to_each(test[k], test[:k]) >= NEAR_DUPLICATE_PSNR_DB).any():
+                break
+        else:
+            raise AevaeError(f"cannot draw {n_images['test']} distinct built-in test images (no two within "
+                             f"{NEAR_DUPLICATE_PSNR_DB:g} dB PSNR): lower data.builtin_size or data.test_fraction")
+        yield "test", test[k]
+    for split in ("val", "train"):
         for _ in range(n_images[split]):
-            i, y, x = cells_of[split][rng.integers(len(cells_of[split]))]
-            side = int(rng.integers(size * 3 // 4, cell + 1))
-            dy, dx = rng.integers(0, cell - side + 1, size=2)
-            crop = photos[i][y + dy: y + dy + side, x + dx: x + dx + side]
-            if rng.random() < 0.5:
-                crop = crop[:, ::-1]
-            image = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BICUBIC)
-            yield split, np.asarray(image)
+            yield split, draw(split)
 
 
 # --------------------------------------------------------------------------- prepare
@@ -257,6 +287,8 @@ def prepare(params: DataParams, seed: int, out: Path) -> Prepared:
             "val_fraction": params.val_fraction,
             "test_fraction": params.test_fraction,
             "counts": prepared.counts,
+            # built-in: no two test images within this PSNR of each other (near-duplicates redrawn)
+            "test_near_duplicate_psnr_db": NEAR_DUPLICATE_PSNR_DB if params.source == "builtin" else None,
             "skipped_count": len(prepared.skipped),
             "skipped": prepared.skipped,
             "sha256": prepared.sha256,

@@ -6,6 +6,9 @@ Conventions (PITFALLS.md #6), stated once here and in the report:
 - PSNR is computed per image with data_range 1 and then averaged over images (not over the whole set);
 - SSIM uses the paper's Gaussian window, 11x11 with sigma 1.5 (Wang et al. 2004), per image, averaged
   over the three channels and over window positions inside the image (border of 5 px left out);
+- MSE is per pixel, per image, then averaged (the distortion of the rate-distortion plot);
+- the VAE's test ELBO (reconstruction, KL and their sum) is in nats per image, with z drawn once per
+  image under the seed;
 - LPIPS is version 0.1 with the AlexNet backbone (the metric's standard setting), inputs mapped from
   [0, 1] to [-1, 1]; where the backbone's weights came from is written beside every LPIPS number.
 """
@@ -29,13 +32,14 @@ from aevae import tracking
 from aevae.data import load_split
 from aevae.files import MetricsDir, ModelDir, atomic_path, write_text
 from aevae.lpips_model import LPIPSUnavailable, load_lpips
-from aevae.models import load_model, pick_device
+from aevae.models import Model, load_model, pick_device
 from aevae.params import Params
 
 log = logging.getLogger(__name__)
 
-METRICS = ("psnr", "ssim", "lpips")
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
+STUDY_METRICS = ("psnr", "ssim", "lpips")  # the study's table
+METRICS = (*STUDY_METRICS, "mse")  # mse: per-pixel, per image; the distortion of the rate-distortion plot
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "mse": False}
 def psnr_per_image(pred: Tensor, target: Tensor) -> Tensor:
     return peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
 
@@ -87,7 +91,7 @@ def reconstruct_all(model: torch.nn.Module, images: np.ndarray, batch_size: int,
 @torch.no_grad()
 def score_images(pred: np.ndarray, target: np.ndarray, batch_size: int, lpips_model: torch.nn.Module | None,
                  device: torch.device) -> pd.DataFrame:
-    """Per-image psnr, ssim, lpips (NaN when no LPIPS model) of uint8 image arrays."""
+    """Per-image psnr, ssim, lpips (NaN when no LPIPS model) and per-pixel mse of uint8 image arrays."""
     columns: dict[str, list[Tensor]] = {m: [] for m in METRICS}
     for start in range(0, len(pred), batch_size):
         p = to_unit(pred[start: start + batch_size]).to(device)
@@ -96,7 +100,31 @@ def score_images(pred: np.ndarray, target: np.ndarray, batch_size: int, lpips_mo
         columns["ssim"].append(ssim_per_image(p, t).cpu())
         lp = lpips_per_image(lpips_model, p, t).cpu() if lpips_model is not None else torch.full((len(p),), math.nan)
         columns["lpips"].append(lp)
+        columns["mse"].append((p - t).pow(2).mean(dim=(1, 2, 3)).cpu())
     return pd.DataFrame({m: torch.cat(v).double().numpy() for m, v in columns.items()})
+
+
+@torch.no_grad()
+def test_loss_terms(model: Model, images: np.ndarray, batch_size: int, device: torch.device,
+                    seed: int) -> dict[str, float]:
+    """The model's own loss terms averaged over `images` (weighted by image), in eval mode. A VAE draws z
+    once per image: seeded, so the estimate is the same in every run."""
+    torch.manual_seed(seed)
+    model = model.eval().to(device)
+    sums: dict[str, float] = {}
+    for start in range(0, len(images), batch_size):
+        x = to_unit(images[start: start + batch_size]).to(device)
+        for name, value in model.loss(x).terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * len(x)
+    return {name: total / len(images) for name, total in sums.items()}
+
+
+def elbo_terms(terms: dict[str, float]) -> dict[str, float]:
+    """Reconstruction, KL and the negative ELBO (their sum, at beta 1), in nats per image, for a model
+    whose loss has those two terms; nothing for the others."""
+    if not {"recon", "kl"} <= set(terms):
+        return {}
+    return {"recon_nats": terms["recon"], "kl_nats": terms["kl"], "neg_elbo_nats": terms["recon"] + terms["kl"]}
 
 
 def mean_interval(values: np.ndarray, samples: int, seed: int) -> dict[str, float]:
@@ -133,11 +161,14 @@ def _json_number(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 6)
 
 
-def write_results(out: MetricsDir, per_image: pd.DataFrame, summary: pd.DataFrame, lpips_source: str | None) -> dict:
+def write_results(out: MetricsDir, per_image: pd.DataFrame, summary: pd.DataFrame, lpips_source: str | None,
+                  elbo: dict[str, dict[str, float]]) -> dict:
     """eval.json (DVC metrics), per_image.csv and summary.csv; returns eval.json's content."""
     models = list(per_image["model"].unique())
     means = {model: {row.metric: _json_number(row.mean) for row in group.itertuples()}
              for model, group in summary.groupby("model", sort=False) if model in models}
+    for model, terms in elbo.items():
+        means[model].update({name: _json_number(value) for name, value in terms.items()})
     result = {"test_images": int(per_image.groupby("model").size().max()), **means,
               "lpips_available": lpips_source is not None, "lpips_backbone": lpips_source}
     lpips_note = f"AlexNet weights: {lpips_source}" if lpips_source else "no AlexNet weights: LPIPS missing"
@@ -168,9 +199,11 @@ def evaluate(params: Params, data_dir: Path, models: list[ModelDir], out: Metric
     device = pick_device(params.train.device)
     test = load_split(data_dir, "test")
     lpips_model, lpips_source = lpips_or_none(device, params.eval.require_lpips)
-    frames = []
+    frames, elbo = [], {}
     for model_dir in models:
         model = load_model(model_dir.best, params.data.image_size)[0]
+        if terms := elbo_terms(test_loss_terms(model, test, params.eval.batch_size, device, params.seed)):
+            elbo[model_dir.name] = terms
         recon = reconstruct_all(model, test, params.eval.batch_size, device)
         with atomic_path(out.reconstructions(model_dir.name)) as tmp, open(tmp, "wb") as f:
             np.save(f, recon)
@@ -180,6 +213,7 @@ def evaluate(params: Params, data_dir: Path, models: list[ModelDir], out: Metric
         frames.append(scores)
     per_image = pd.concat(frames, ignore_index=True)
     summary = summarize(per_image, params.eval.bootstrap_samples, params.seed)
-    result = write_results(out, per_image, summary, lpips_source)
-    tracking.log_test_results(models, out, summary, {"lpips_backbone": lpips_source or "missing: no AlexNet weights"})
+    result = write_results(out, per_image, summary, lpips_source, elbo)
+    tracking.log_test_results(models, out, summary, elbo,
+                              {"lpips_backbone": lpips_source or "missing: no AlexNet weights"})
     return result

@@ -90,9 +90,13 @@ class AutoEncoder(nn.Module):
     def label(self) -> str:
         return "AE"
 
+    def code_values(self) -> int:
+        """How many numbers the code between encoder and decoder holds."""
+        return CHANNELS * (self.config["image_size"] // 8) ** 2
+
     def code_size(self) -> str:
         side = self.config["image_size"] // 8
-        return f"{CHANNELS} x {side} x {side} = {CHANNELS * side * side:,} values (deterministic)"
+        return f"{CHANNELS} x {side} x {side} = {self.code_values():,} values (deterministic)"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decoder(self.encoder(x))
@@ -113,7 +117,37 @@ class AutoEncoder(nn.Module):
         return [{"params": list(self.parameters()), "lr": lr}]
 
 
-class VAE(nn.Module):
+class _DenseCode:
+    """What the VAE and the AE at the VAE's code size share: a dense code of `latent_dim` values between
+    the study's conv trunk and its decoder, and the learning rate of their wide dense layers."""
+
+    def code_values(self) -> int:
+        return self.latent_dim
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(self.from_latent(z).unflatten(1, self.feature_shape))
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Adam at `lr`, except dense layers wider than the conv trunk, which get lr * 1024 / fan_in.
+
+        The layers into the code are dense over the whole 256x8x8 feature map (fan-in 16384) with no
+        normalisation after them. Adam moves every weight by about lr per step, all in the same direction
+        early on, so at lr 0.002 the VAE's log-variance jumps by ~15 within a few steps, KL reaches
+        1e4-1e12 nats and Adam's second moments never recover (measured). Scaling a dense layer's Adam lr
+        by 1/fan_in is the muP rule (Yang et al. 2022); 1024 is the trunk's typical fan-in, so at 64px
+        these layers learn at lr/16. The AE at the VAE's code size gets the same rule: the same path.
+        """
+        wide = {}
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear) and layer.in_features > DENSE_FAN_IN:
+                wide.setdefault(layer.in_features, []).extend(layer.parameters())
+        wide_ids = {id(p) for params in wide.values() for p in params}
+        rest = [p for p in self.parameters() if id(p) not in wide_ids]
+        return [{"params": rest, "lr": lr},
+                *({"params": params, "lr": lr * DENSE_FAN_IN / fan_in} for fan_in, params in wide.items())]
+
+
+class VAE(_DenseCode, nn.Module):
     """The AE's encoder and decoder around a Gaussian latent of `latent_dim` (Kingma & Welling 2014).
 
     Loss per image, in nats (PITFALLS.md #1): reconstruction is the sum of squared errors over all pixels
@@ -157,9 +191,6 @@ class VAE(nn.Module):
         h = self.encoder(x).flatten(1)
         return self.to_mu(h), self.to_logvar(h)
 
-    def decode(self, z: Tensor) -> Tensor:
-        return self.decoder(self.from_latent(z).unflatten(1, self.feature_shape))
-
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mu, logvar = self.encode(x)
         return self.decode(reparameterize(mu, logvar)), mu, logvar
@@ -189,24 +220,57 @@ class VAE(nn.Module):
     def schedule(self, epoch: int) -> dict[str, float]:
         return {"kl_weight": self.kl_weight(epoch)}
 
-    def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        """Adam at `lr`, except the Gaussian heads, which get lr * 1024 / fan_in.
 
-        The heads are dense layers over the whole 256x8x8 feature map (fan-in 16384) with no normalisation
-        after them. Adam moves every weight by about lr per step, all in the same direction early on, so
-        at lr 0.002 log-variance jumps by ~15 within a few steps, KL reaches 1e4-1e12 nats and Adam's second
-        moments never recover (measured). Scaling a dense layer's Adam lr by 1/fan_in is the muP rule
-        (Yang et al. 2022); 1024 is the trunk's typical fan-in, so at 64px the heads learn at lr/16.
-        """
-        heads = [*self.to_mu.parameters(), *self.to_logvar.parameters()]
-        head_ids = {id(p) for p in heads}
-        rest = [p for p in self.parameters() if id(p) not in head_ids]
-        head_scale = min(1.0, DENSE_FAN_IN / self.to_mu.in_features)
-        return [{"params": rest, "lr": lr}, {"params": heads, "lr": lr * head_scale}]
+class CodeSizeAE(_DenseCode, nn.Module):
+    """The study's AE squeezed to the VAE's code size: the same encoder, a linear layer to `latent_dim`
+    deterministic values, and the VAE's path back to the decoder, trained on the study's per-pixel MSE.
+
+    The study's AE keeps 16,384 numbers for a 12,288-value image; this one keeps as many as the VAE has
+    latents, so the gap between it and the VAE is what the VAE's noise and KL cost, not code size.
+    """
+
+    kind: ClassVar[str] = "ae_code"
+    loss_unit: ClassVar[str] = "per-pixel MSE"
+    reads_params: ClassVar[tuple[str, ...]] = ("vae.latent_dim",)
+    generative: ClassVar[bool] = False
+
+    def __init__(self, image_size: int = 64, latent_dim: int = 128) -> None:
+        super().__init__()
+        self.config = {"image_size": image_size, "latent_dim": latent_dim}
+        self.feature_shape = (CHANNELS, image_size // 8, image_size // 8)
+        features = CHANNELS * (image_size // 8) ** 2
+        self.encoder = conv_encoder()
+        self.to_code = nn.Linear(features, latent_dim)
+        self.from_latent = nn.Linear(latent_dim, features)
+        self.decoder = conv_decoder()
+        self.latent_dim = latent_dim
+
+    @classmethod
+    def from_params(cls, params: Params) -> CodeSizeAE:
+        return cls(params.data.image_size, params.vae.latent_dim)
+
+    @property
+    def label(self) -> str:
+        return f"AE-{self.latent_dim}"
+
+    def code_size(self) -> str:
+        side = self.config["image_size"] // 8
+        return f"{self.latent_dim} values (deterministic, a linear map of the {CHANNELS} x {side} x {side} features)"
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.to_code(self.encoder(x).flatten(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    # The study's AE loss and everything around it, shared with the AE: only the code differs.
+    reconstruct = AutoEncoder.reconstruct
+    loss = AutoEncoder.loss
+    schedule = AutoEncoder.schedule
 
 
-Model = AutoEncoder | VAE
-MODELS: dict[str, type[Model]] = {cls.kind: cls for cls in (AutoEncoder, VAE)}
+Model = AutoEncoder | CodeSizeAE | VAE
+MODELS: dict[str, type[Model]] = {cls.kind: cls for cls in (AutoEncoder, CodeSizeAE, VAE)}
 MODEL_KINDS = tuple(MODELS)
 
 

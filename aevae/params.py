@@ -48,6 +48,7 @@ class VAEParams(_Section):
 
 
 class TrainParams(_Section):
+    seed: int = 0  # what training draws: weight init, batch order, the VAE's sampling noise
     device: Literal["auto", "cpu", "cuda"] = "auto"
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     plateau_patience: int = Field(3, ge=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,11 +20,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from aevae.data import load_split, read_manifest
 from aevae.files import MetricsDir, ModelDir, atomic_path, write_text
-from aevae.metrics import HIGHER_IS_BETTER, METRICS, to_uint8, to_unit
+from aevae.metrics import HIGHER_IS_BETTER, METRICS, STUDY_METRICS, to_uint8, to_unit
 from aevae.models import Model, load_model, parameter_count
 from aevae.params import Params
 
-LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS"}
+LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "mse": "MSE (per pixel)"}
 TILE_SCALE = 2  # nearest-neighbour upscaling for display: every pixel stays a crisp 2x2 block
 GAP = 4
 
@@ -144,7 +145,7 @@ def grid_picks(n_test: int, n_images: int, seed: int) -> np.ndarray:
 def _fmt(value: float, metric: str) -> str:
     if value is None or math.isnan(value):
         return "n/a"
-    return f"{value:.2f}" if metric == "psnr" else f"{value:.4f}"
+    return {"psnr": f"{value:.2f}", "mse": f"{value:.5f}"}.get(metric, f"{value:.4f}")
 
 
 def _pairs(summary: pd.DataFrame, labels: dict[str, str]) -> list[tuple[str, str, str]]:
@@ -159,7 +160,7 @@ def _row(summary: pd.DataFrame, model: str, metric: str) -> pd.Series:
 
 
 def metric_table(summary: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
-    """The study's table (Metric | AE | VAE) with 95% intervals, plus each paired difference."""
+    """The study's table (Metric | AE | VAE), each cell `mean [95% interval]`, plus each paired difference."""
     columns = [(name, label) for name, label in labels.items()]
     columns += [(key, f"{a} - {b} (paired)") for key, a, b in _pairs(summary, labels)]
     rows = []
@@ -167,19 +168,21 @@ def metric_table(summary: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
         row = {"Metric": LABELS[metric]}
         for model, title in columns:
             s = _row(summary, model, metric)
-            row[title] = _fmt(s["mean"], metric)
-            row[f"{title} 95% CI"] = (f"[{_fmt(s['ci_low'], metric)}, {_fmt(s['ci_high'], metric)}]"
-                                      if not math.isnan(s["ci_low"]) else "n/a")
+            interval = (f" [{_fmt(s['ci_low'], metric)}, {_fmt(s['ci_high'], metric)}]"
+                        if not math.isnan(s["ci_low"]) else "")
+            row[title] = _fmt(s["mean"], metric) + interval
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def comparison_sentences(summary: pd.DataFrame, labels: dict[str, str]) -> list[str]:
-    """One sentence per pair of models and metric, saying only what the means and the paired interval support."""
-    sentences = []
+    """One paragraph per pair of models: a sentence per metric, saying only what the means and the paired
+    interval support."""
+    paragraphs = []
     for key, label_a, label_b in _pairs(summary, labels):
+        sentences = []
         a_name, b_name = next((a, b) for a in labels for b in labels if f"{a}-{b}" == key)
-        for metric in METRICS:
+        for metric in STUDY_METRICS:
             a, b, diff = _row(summary, a_name, metric), _row(summary, b_name, metric), _row(summary, key, metric)
             if math.isnan(a["mean"]) or math.isnan(b["mean"]):
                 sentences.append(f"{LABELS[metric]}, {label_a} vs {label_b}: not available for this run.")
@@ -193,6 +196,48 @@ def comparison_sentences(summary: pd.DataFrame, labels: dict[str, str]) -> list[
                 verdict = "the 95% interval of the paired difference includes zero: no reliable difference on this test set"
             sentences.append(f"{LABELS[metric]} ({direction} is better): {winner} {_fmt(win['mean'], metric)} vs "
                              f"{loser} {_fmt(lose['mean'], metric)}; {verdict}.")
+        paragraphs.append(" ".join(sentences))
+    return paragraphs
+
+
+def code_size_finding(summary: pd.DataFrame, trained: list[Trained]) -> list[str]:
+    """How much of the gap between the study's AE and the generative model remains against an AE with the
+    generative model's code size: the paired differences, with their intervals, in plain words."""
+    generative = [t for t in trained if t.model.generative]
+    deterministic = sorted((t for t in trained if not t.model.generative), key=lambda t: t.model.code_values())
+    if not generative or len(deterministic) < 2:
+        return []
+    g = generative[0]
+    equal = next((t for t in deterministic if t.model.code_values() == g.model.code_values()), None)
+    large = deterministic[-1]
+    if equal is None or equal is large:
+        return []
+    names = [t.name for t in trained]
+
+    def paired(a: Trained, b: Trained, metric: str) -> tuple[float, float, float]:
+        """Mean and interval of a - b (the summary holds the pair in the order the models were scored)."""
+        sign = 1 if names.index(a.name) < names.index(b.name) else -1
+        first, second = (a, b) if sign == 1 else (b, a)
+        row = _row(summary, f"{first.name}-{second.name}", metric)
+        low, high = sorted((sign * row["ci_low"], sign * row["ci_high"]))
+        return sign * row["mean"], low, high
+
+    sentences = [f"Equal code size: {large.label} keeps {large.model.code_values():,} numbers per image, "
+                 f"{equal.label} and the {g.label} {g.model.code_values():,} each."]
+    for metric in ("psnr", "ssim", "lpips"):
+        whole, part = paired(large, g, metric), paired(equal, g, metric)
+        if any(math.isnan(v) for v in (*whole, *part)):
+            continue
+        f = lambda v: _fmt(v, metric)  # noqa: E731
+        # A share only means something when both gaps are real and point the same way.
+        real = whole[1] * whole[2] > 0 and part[1] * part[2] > 0 and whole[0] * part[0] > 0
+        share = f", {100 * part[0] / whole[0]:.0f}% of the whole gap," if real else ""
+        sentences.append(
+            f"{LABELS[metric]}: {large.label} - {g.label} = {f(whole[0])} [{f(whole[1])}, {f(whole[2])}]; at equal "
+            f"code size {equal.label} - {g.label} = {f(part[0])} [{f(part[1])}, {f(part[2])}]{share} remains.")
+    sentences.append("Intervals are 95% bootstrap intervals over the test images of one training seed: they leave "
+                     "out how much another seed would move each model (run the seed sweep in the README and "
+                     "`aevae compare --by-seed` for that).")
     return sentences
 
 
@@ -261,6 +306,7 @@ def build_report(params: Params, data_dir: Path, models: list[ModelDir], metrics
     labels = {t.name: t.label for t in trained}
     per_image = pd.read_csv(metrics.per_image)
     summary = pd.read_csv(metrics.summary)
+    scores = json.loads(metrics.eval_json.read_text(encoding="utf-8"))
 
     picks = grid_picks(len(test), params.report.grid_images, params.seed)
     with atomic_path(out / "grid.csv") as tmp:
@@ -291,7 +337,7 @@ def build_report(params: Params, data_dir: Path, models: list[ModelDir], metrics
     table = metric_table(summary, labels)
     with atomic_path(out / "metrics.csv") as tmp:
         table.to_csv(tmp, index=False)
-    sections = _sections(params, manifest, trained, table, summary, worst_titles, generative)
+    sections = _sections(params, manifest, trained, table, summary, worst_titles, generative, scores)
     write_report(out, sections, "AutoEncoder vs Variational AutoEncoder")
     return sorted(p for p in out.iterdir() if p.is_file())
 
@@ -306,12 +352,22 @@ def _training_summary(t: Trained) -> str:
     return text + ")"
 
 
-def _sections(params, manifest, trained, table, summary, worst_titles, generative) -> list[Section]:
+def elbo_sentences(trained: list[Trained], scores: dict) -> list[str]:
+    """The test ELBO of each model that has one (eval.json), in nats per image."""
+    return [f"{t.label} on the test split: reconstruction {scores[t.name]['recon_nats']:.1f} + KL "
+            f"{scores[t.name]['kl_nats']:.1f} = {scores[t.name]['neg_elbo_nats']:.1f} nats per image (the negative "
+            "ELBO at beta 1, whatever beta it was trained with; z drawn once per image)."
+            for t in trained if "neg_elbo_nats" in scores.get(t.name, {})]
+
+
+def _sections(params, manifest, trained, table, summary, worst_titles, generative, scores) -> list[Section]:
     counts = manifest["counts"]
     source = ("crops of the photographs shipped with scikit-image (" + ", ".join(manifest["photos"]) +
-              "); test crops come from image regions that no training crop touches, but they may overlap one "
-              "another, so the intervals below are optimistic: use your own folder for publishable numbers"
-              if manifest["source"] == "builtin" else f"the images in {manifest['path']}")
+              "); test crops are other regions of the same photographs, regions no training crop touches, and "
+              f"no two test images are within {manifest['test_near_duplicate_psnr_db']:g} dB PSNR of each other "
+              "(near-duplicates are redrawn). Six photographs are a demo set, not a benchmark: use your own "
+              "folder for publishable numbers"
+              if manifest["source"] == "builtin" else f"the images in {manifest['path']}, split at random")
     lpips_missing = table.iloc[2][trained[0].label] == "n/a"
     lpips_source = summary.loc[summary["metric"] == "lpips", "source"].iloc[0]
     lpips_note = ("LPIPS is n/a: no AlexNet weights were found that passed their check (see README)."
@@ -329,7 +385,7 @@ def _sections(params, manifest, trained, table, summary, worst_titles, generativ
         Section("Training", [
             f"Adam (lr {params.lr:g}, weight decay {params.weight_decay:g}), batch size {params.batch_size}, "
             f"{params.epochs} epochs, ReduceLROnPlateau on validation loss (factor {params.train.plateau_factor:g}, "
-            f"patience {params.train.plateau_patience}), seed {params.seed}. Losses ({losses}); the VAE's per image "
+            f"patience {params.train.plateau_patience}), training seed {params.train.seed}. Losses ({losses}); the VAE's per image "
             f"in nats is summed squared error + {params.vae.beta:g} x KL"
             + (f", KL weight warmed up over {params.vae.kl_warmup_epochs} epochs" if params.vae.kl_warmup_epochs else "")
             + ". The best-validation checkpoint of each model is evaluated.",
@@ -342,8 +398,10 @@ def _sections(params, manifest, trained, table, summary, worst_titles, generativ
             f"Mean over {counts['test']} test images with a 95% percentile-bootstrap interval "
             f"({params.eval.bootstrap_samples} resamples); the paired columns are the per-image difference "
             "between two models. PSNR is computed per image (data range 1) and then averaged; SSIM uses the "
-            f"Gaussian 11x11, sigma 1.5 window; {lpips_note}"], table=table),
-        Section("Comparison", comparison_sentences(summary, {t.name: t.label for t in trained})),
+            f"Gaussian 11x11, sigma 1.5 window; MSE is per pixel; {lpips_note} Every number comes from one "
+            f"training seed (train.seed {params.train.seed}).", *elbo_sentences(trained, scores)], table=table),
+        Section("Comparison", [*comparison_sentences(summary, {t.name: t.label for t in trained}),
+                               *code_size_finding(summary, trained)]),
     ]
     if generative:
         g = generative[0]

@@ -179,14 +179,21 @@ def run_id_of(model: ModelDir) -> str:
     return json.loads(model.run_file.read_text(encoding="utf-8"))["run_id"]
 
 
-def log_test_results(models: list[ModelDir], metrics: MetricsDir, summary: "pd.DataFrame", tags: dict[str, str]) -> None:
-    """Test metrics into each model's training run, so MLflow shows params and test scores side by side."""
+def log_test_results(models: list[ModelDir], metrics: MetricsDir, summary: "pd.DataFrame",
+                     elbo: dict[str, dict[str, float]], tags: dict[str, str]) -> None:
+    """Test metrics, with their per-image 95% intervals, into each model's training run, so that MLflow
+    shows params and test scores side by side."""
     import mlflow
 
     for model in models:
-        rows = summary[summary["model"] == model.name]
+        scores = {}
+        for r in summary[summary["model"] == model.name].itertuples():
+            if not math.isnan(r.mean):
+                scores.update({f"test_{r.metric}": r.mean, f"test_{r.metric}_ci_low": r.ci_low,
+                               f"test_{r.metric}_ci_high": r.ci_high})
+        scores.update({f"test_{name}": value for name, value in elbo.get(model.name, {}).items()})
         with resume_run(model.run_file):
-            mlflow.log_metrics({f"test_{r.metric}": r.mean for r in rows.itertuples() if not math.isnan(r.mean)})
+            mlflow.log_metrics(scores)
             mlflow.set_tags(tags)
             for path in (metrics.eval_json, metrics.per_image, metrics.summary):
                 mlflow.log_artifact(str(path), artifact_path="eval")
@@ -203,11 +210,10 @@ def log_report(files: list[Path], models: list[ModelDir], data_sha256: str, para
             mlflow.log_artifact(str(path), artifact_path="report")
 
 
-COMPARE_PARAMS = ("lr", "epochs", "batch_size", "vae.beta", "vae.latent_dim", "data.source")
-
-
-def compare_runs(experiment: str = EXPERIMENT) -> "pd.DataFrame":
-    """One row per model run: its DVC experiment, key params and test metrics, oldest first."""
+def model_runs(experiment: str = EXPERIMENT) -> "pd.DataFrame":
+    """One row per model training run, oldest first: ids, model (kind) and label, its DVC experiment,
+    status, every param it logged (`params.<params.yaml key>`) and every metric (`metrics.<name>`, the
+    test_* ones from evaluation)."""
     import mlflow
     import pandas as pd
 
@@ -222,14 +228,11 @@ def compare_runs(experiment: str = EXPERIMENT) -> "pd.DataFrame":
         return pd.DataFrame()
     runs = runs[runs["tags.mlflow.runName"].isin(MODEL_KINDS)].reset_index(drop=True)
     table = pd.DataFrame({
-        "run_id": runs["run_id"].str[:8],
+        "run_id": runs["run_id"],
         "model": runs["tags.mlflow.runName"],
+        "label": runs.get("tags.model_label", runs["tags.mlflow.runName"]),
         "pipeline": runs.get("tags.pipeline"),
         "status": runs["status"],
         "started": runs["start_time"].dt.strftime("%Y-%m-%d %H:%M"),
     })
-    for key in COMPARE_PARAMS:
-        table[key] = runs.get(f"params.{key}")
-    for metric in ("test_psnr", "test_ssim", "test_lpips", "best_val_loss"):
-        table[metric] = runs.get(f"metrics.{metric}", float("nan"))
-    return table
+    return pd.concat([table, runs.filter(regex=r"^(params|metrics)\.")], axis=1)

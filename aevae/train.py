@@ -91,6 +91,8 @@ class TrainingState:
     generator: torch.Generator
     history: list[dict[str, float]]
     best_val: float = math.inf
+    best_weights: dict[str, Tensor] | None = None  # of the best validation epoch, to rewrite best.pt on resume
+    best_epoch: int = 0
     epoch: int = 0  # the last complete epoch
     run_id: str | None = None  # the MLflow run it logs into
 
@@ -98,12 +100,12 @@ class TrainingState:
 def start_or_resume(kind: str, params: Params, last: Path, fingerprint: dict, device: torch.device) -> TrainingState:
     """A fresh, seeded state; or the one in `last` when it is an unfinished run of this very configuration
     (a crash, a kill), so that the run ends bitwise identical to an uninterrupted one."""
-    torch.manual_seed(params.seed)
+    torch.manual_seed(params.train.seed)
     model = build_model(kind, params).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=params.train.plateau_factor, patience=params.train.plateau_patience)
-    state = TrainingState(model, optimizer, scheduler, torch.Generator().manual_seed(params.seed), history=[])
+    state = TrainingState(model, optimizer, scheduler, torch.Generator().manual_seed(params.train.seed), history=[])
     saved = _load_resumable(last, kind, fingerprint)
     if saved is not None:
         model.load_state_dict(saved["state_dict"])
@@ -113,6 +115,7 @@ def start_or_resume(kind: str, params: Params, last: Path, fingerprint: dict, de
         torch.set_rng_state(saved["torch_rng"])
         state.history, state.best_val, state.epoch, state.run_id = (
             saved["history"], saved["best_val"], saved["epoch"], saved["run_id"])
+        state.best_weights, state.best_epoch = saved.get("best_state_dict"), saved.get("best_epoch", 0)
         log.info("%s: resuming after epoch %d from %s (MLflow run %s)", kind, state.epoch, last, state.run_id)
     return state
 
@@ -153,7 +156,8 @@ def save_epoch(state: TrainingState, out: ModelDir, fingerprint: dict, epochs: i
     """best.pt when validation improved, history.csv, then last.pt: the full state to resume from."""
     row = state.history[-1]
     if row["val_loss"] < state.best_val:
-        state.best_val = row["val_loss"]
+        state.best_val, state.best_epoch = row["val_loss"], state.epoch
+        state.best_weights = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
         save_model(out.best, state.model, epoch=state.epoch, val_loss=state.best_val)
     _write_history(out.history, state.history)
     # MLflow gets the row before last.pt is replaced: a kill in between repeats this epoch's point
@@ -161,9 +165,21 @@ def save_epoch(state: TrainingState, out: ModelDir, fingerprint: dict, epochs: i
     tracking.log_epoch(row)
     save_model(out.last, state.model, epoch=state.epoch, val_loss=row["val_loss"], best_val=state.best_val,
                history=state.history, fingerprint=fingerprint, run_id=state.run_id,
+               best_state_dict=state.best_weights, best_epoch=state.best_epoch,
                complete=state.epoch == epochs, optimizer=state.optimizer.state_dict(),
                scheduler=state.scheduler.state_dict(), generator=state.generator.get_state(),
                torch_rng=torch.get_rng_state())
+
+
+def restore_best(state: TrainingState, kind: str, params: Params, out: ModelDir) -> None:
+    """best.pt as it was when training stopped: DVC deletes a stage's outputs before running it again, and
+    the epochs still to come may never beat the best one behind us."""
+    if state.best_weights is None or out.best.exists():
+        return
+    with torch.random.fork_rng(devices=[]):  # building a model draws weights: leave the resumed RNG as it was
+        best = build_model(kind, params)
+    best.load_state_dict(state.best_weights)
+    save_model(out.best, best, epoch=state.best_epoch, val_loss=state.best_val)
 
 
 def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
@@ -198,9 +214,11 @@ def train(kind: str, params: Params, data_dir: Path, out: ModelDir) -> list[dict
     logged_params = training_params(kind, params)
     fingerprint = {"params": logged_params, "data_sha256": data_sha256}
     state = start_or_resume(kind, params, out.last, fingerprint, device)
+    restore_best(state, kind, params, out)
     log.info("%s: %d train / %d val images of %dpx on %s, %d epochs", kind, len(train_x), len(val_x),
              params.data.image_size, device, params.epochs)
-    with tracking.training_run(kind, logged_params, tracking.run_tags(data_sha256, params.flat()),
+    tags = {**tracking.run_tags(data_sha256, params.flat()), "model_label": state.model.label}
+    with tracking.training_run(kind, logged_params, tags,
                                run_id=state.run_id, run_file=out.run_file) as run_id:
         state.run_id = run_id
         epochs = tqdm(range(state.epoch + 1, params.epochs + 1), desc=f"train {kind}", unit="epoch",

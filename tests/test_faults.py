@@ -73,6 +73,7 @@ def test_sigkill_then_restart_resumes_to_bitwise_identical_weights(fault_setup, 
     proc.wait()
     interrupted = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     assert 1 <= interrupted["epoch"] < 4 and not interrupted["complete"]
+    (tmp_path / "killed" / "best.pt").unlink()  # as `dvc repro` does to a stage's outputs before running it
 
     resumed = finish(fault_setup(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr
@@ -81,6 +82,9 @@ def test_sigkill_then_restart_resumes_to_bitwise_identical_weights(fault_setup, 
     b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["history"] == b["history"]
+    best_a, best_b = (torch.load(tmp_path / d / "best.pt", weights_only=True) for d in ("reference", "killed"))
+    assert best_a["epoch"] == best_b["epoch"] and best_a["val_loss"] == best_b["val_loss"]
+    assert all(torch.equal(best_a["state_dict"][k], best_b["state_dict"][k]) for k in best_a["state_dict"])
 
     client = mlflow.MlflowClient(store)
     run_id = json.loads((tmp_path / "killed" / "run.json").read_text())["run_id"]

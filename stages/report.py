@@ -12,7 +12,7 @@ import logging  # noqa: E402
 import click  # noqa: E402
 
 from aevae import tracking  # noqa: E402
-from aevae.cli import params_option, run  # noqa: E402
+from aevae.cli import data_option, models_argument, params_option, run  # noqa: E402
 from aevae.data import read_manifest  # noqa: E402
 from aevae.files import MetricsDir, ModelDir  # noqa: E402
 from aevae.params import load_params  # noqa: E402
@@ -23,12 +23,11 @@ log = logging.getLogger("report")
 
 @click.command()
 @params_option
-@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
-              help="Output folder of the prepare stage.")
+@data_option
 @click.option("--metrics", "metrics_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder of the evaluate stage.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the report.")
-@click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False))
+@models_argument
 def main(params_file: str, data_dir: str, metrics_dir: str, out: str, models: tuple[str, ...]) -> None:
     """Draw the comparison grid, loss curves, samples and worst cases of the models in MODELS folders,
     write the metric table and report.md / report.html, and log them to MLflow as a `report` run."""

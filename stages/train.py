@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
-from aevae.cli import params_option, run  # noqa: E402
+from aevae.cli import data_option, params_option, run  # noqa: E402
 from aevae.files import ModelDir  # noqa: E402
 from aevae.models import MODEL_KINDS  # noqa: E402
 from aevae.params import load_params  # noqa: E402
@@ -19,8 +19,7 @@ from aevae.train import train  # noqa: E402
 @click.command()
 @click.option("--model", "kind", type=click.Choice(MODEL_KINDS), required=True, help="Which model to train.")
 @params_option
-@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
-              help="Output folder of the prepare stage.")
+@data_option
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder for best.pt, last.pt, history.csv and run.json.")
 def main(kind: str, params_file: str, data_dir: str, out: str) -> None:

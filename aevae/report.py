@@ -127,10 +127,16 @@ def prior_samples(model: Model, test: np.ndarray, n_samples: int, steps: int, se
     model.eval()
     samples = to_uint8(model.sample(n_samples, generator))
     a, b = torch.randperm(len(test), generator=generator)[:2].tolist()
-    mu = model.encode(to_unit(test[[a, b]]))[0]
+    ends = np.stack([test[a], test[b]])
+    return {"samples": samples, "interpolation": latent_line(model, ends, steps), "ends": ends}
+
+
+@torch.no_grad()
+def latent_line(model: Model, ends: np.ndarray, steps: int) -> np.ndarray:
+    """The decoded straight line between two uint8 images' posterior means, `steps` points, ends included."""
+    mu = model.eval().encode(to_unit(ends))[0]
     weights = torch.linspace(0, 1, steps).unsqueeze(1)
-    line = to_uint8(model.decode((1 - weights) * mu[0] + weights * mu[1]))
-    return {"samples": samples, "interpolation": line, "ends": np.stack([test[a], test[b]])}
+    return to_uint8(model.decode((1 - weights) * mu[0] + weights * mu[1]))
 
 
 def grid_picks(n_test: int, n_images: int, seed: int) -> np.ndarray:

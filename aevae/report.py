@@ -411,13 +411,14 @@ def _sections(params, manifest, trained, table, summary, worst_titles, generativ
     ]
     if generative:
         g = generative[0]
-        others = "; ".join(f"{t.label}'s {t.model.code_size()}" for t in trained if not t.model.generative)
+        others = " and ".join(f"the {t.label} ({t.model.code_values():,}-value code)" for t in trained
+                              if not t.model.generative)
         sections += [
             Section(f"Sampling ({g.label})", [
                 "Images decoded from z ~ N(0, I)." + (
-                    f" The deterministic models cannot do this ({others}): nothing in their training ties the "
-                    "code to a known distribution, so there is no prior to draw codes from, and points between "
-                    "two codes need not decode to images." if others else "")], image="samples.png"),
+                    f" {others[0].upper()}{others[1:]} cannot do this: nothing in their training ties the code "
+                    "to a known distribution, so there is no prior to draw codes from, and points between two "
+                    "codes need not decode to images." if others else "")], image="samples.png"),
             Section("Interpolation", [
                 f"Two test images (top, at the ends) and the {g.label}'s decoding of "
                 f"{params.report.interpolation_steps} evenly spaced points on the line between their posterior "

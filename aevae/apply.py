@@ -93,7 +93,8 @@ def sample_images(checkpoint: Path, out: Path, *, n: int, seed: int, between: tu
     in <out stem>-interpolation.png."""
     model, _ = load_trained(checkpoint, "cpu")
     if not model.generative:
-        raise AevaeError(f"{checkpoint} is a {model.label}: it has no prior to sample from; use a VAE checkpoint")
+        raise AevaeError(f"{checkpoint} holds a deterministic {model.label}: it has no prior to sample from; "
+                         "use a VAE checkpoint (models/vae/best.pt)")
     samples = model.eval().sample(n, torch.Generator().manual_seed(seed))
     save_png(image_grid({"z ~ N(0, I)": to_uint8(samples)}), out)
     if between:

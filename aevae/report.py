@@ -154,11 +154,10 @@ def _fmt(value: float, metric: str) -> str:
     return {"psnr": f"{value:.2f}", "mse": f"{value:.5f}"}.get(metric, f"{value:.4f}")
 
 
-def _pairs(summary: pd.DataFrame, labels: dict[str, str]) -> list[tuple[str, str, str]]:
-    """(summary key, label of a, label of b) of each paired difference in the summary."""
+def _pairs(summary: pd.DataFrame, labels: dict[str, str]) -> list[tuple[str, str]]:
+    """(a, b) model names of each paired difference `a-b` in the summary, in scoring order."""
     names = list(labels)
-    return [(f"{a}-{b}", labels[a], labels[b]) for i, a in enumerate(names) for b in names[i + 1:]
-            if f"{a}-{b}" in set(summary["model"])]
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if f"{a}-{b}" in set(summary["model"])]
 
 
 def _row(summary: pd.DataFrame, model: str, metric: str) -> pd.Series:
@@ -168,7 +167,7 @@ def _row(summary: pd.DataFrame, model: str, metric: str) -> pd.Series:
 def metric_table(summary: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
     """The study's table (Metric | AE | VAE), each cell `mean [95% interval]`, plus each paired difference."""
     columns = [(name, label) for name, label in labels.items()]
-    columns += [(key, f"{a} - {b} (paired)") for key, a, b in _pairs(summary, labels)]
+    columns += [(f"{a}-{b}", f"{labels[a]} - {labels[b]} (paired)") for a, b in _pairs(summary, labels)]
     rows = []
     for metric in METRICS:
         row = {"Metric": LABELS[metric]}
@@ -185,9 +184,9 @@ def comparison_sentences(summary: pd.DataFrame, labels: dict[str, str]) -> list[
     """One paragraph per pair of models: a sentence per metric, saying only what the means and the paired
     interval support."""
     paragraphs = []
-    for key, label_a, label_b in _pairs(summary, labels):
+    for a_name, b_name in _pairs(summary, labels):
+        key, label_a, label_b = f"{a_name}-{b_name}", labels[a_name], labels[b_name]
         sentences = []
-        a_name, b_name = next((a, b) for a in labels for b in labels if f"{a}-{b}" == key)
         for metric in STUDY_METRICS:
             a, b, diff = _row(summary, a_name, metric), _row(summary, b_name, metric), _row(summary, key, metric)
             if math.isnan(a["mean"]) or math.isnan(b["mean"]):

@@ -219,11 +219,16 @@ def model_runs(experiment: str = EXPERIMENT) -> "pd.DataFrame":
 
     from aevae.models import MODEL_KINDS
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(unquote(uri.removeprefix("sqlite:///"))).exists():
+        return pd.DataFrame()  # reading must not create a store (MLflow would, with its schema)
+    mlflow.set_tracking_uri(uri)
     try:
+        if mlflow.get_experiment_by_name(experiment) is None:
+            return pd.DataFrame()
         runs = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time ASC"])
     except mlflow.exceptions.MlflowException as err:
-        raise AevaeError(f"cannot read MLflow store {tracking_uri()}: {err}".replace("\n", " ")) from None
+        raise AevaeError(f"cannot read MLflow store {uri}: {err}".replace("\n", " ")) from None
     if runs.empty:
         return pd.DataFrame()
     runs = runs[runs["tags.mlflow.runName"].isin(MODEL_KINDS)].reset_index(drop=True)

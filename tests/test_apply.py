@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ AEVAE = [sys.executable, "-c", "from aevae.commands import main; main()"]
 
 
 def aevae(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*AEVAE, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}  # the store is cwd's
+    return subprocess.run([*AEVAE, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 @pytest.fixture
@@ -81,3 +83,9 @@ def test_sample_draws_from_the_prior_and_interpolates(checkpoints, photos, tmp_p
     assert Image.open(out).size[0] > Image.open(out).size[1]  # one row of six
     line = np.asarray(Image.open(tmp_path / "s-interpolation.png").convert("RGB"))
     assert line.shape[0] > 2 * 32  # the two images above, the decoded line below
+
+
+def test_reading_commands_never_create_a_store(tmp_path):
+    result = aevae("compare", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().startswith("Error: no model runs")
+    assert not (tmp_path / "mlflow.db").exists() and "Traceback" not in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ import torch
 from aevae import AevaeError
 from aevae.data import UnusableImage, list_files, load_image
 from aevae.files import atomic_path
-from aevae.metrics import lpips_or_none, reconstruct_all, score_images, to_uint8
-from aevae.models import Model, load_model, pick_device
-from aevae.report import image_grid, latent_line, save_png
+from aevae.images import image_grid, save_png, to_uint8
+from aevae.metrics import lpips_or_none, reconstruct_all, score_images
+from aevae.models import Model, load_model, model_from_weights, pick_device
+from aevae.report import latent_line
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +50,29 @@ def load_images(files: list[Path], image_size: int) -> tuple[list[Path], np.ndar
     return used, np.stack(images)
 
 
-def load_trained(checkpoint: Path, device: str) -> tuple[Model, torch.device]:
-    model, _ = load_model(checkpoint)
+def is_mlflow_uri(model: str | Path) -> bool:
+    """runs:/<run id>/model, models:/<name>/<version> and other MLflow model URIs, not a file path
+    (a scheme of two letters or more: C:/ stays a Windows path)."""
+    return re.match(r"[a-zA-Z][a-zA-Z0-9+.-]+:/", str(model)) is not None
+
+
+def load_trained(model: str | Path, device: str) -> tuple[Model, torch.device]:
+    """A checkpoint file (best.pt) or a model logged to MLflow, on `device`."""
+    if is_mlflow_uri(model):
+        from aevae import tracking
+
+        built = model_from_weights(*tracking.load_logged_model(str(model)), source=str(model))
+    else:
+        built, _ = load_model(Path(model))
     target = pick_device(device)
-    return model.to(target), target
+    return built.to(target), target
 
 
-def reconstruct_files(checkpoint: Path, inputs: list[Path], out: Path, *, device: str = "auto",
+def reconstruct_files(model_ref: str | Path, inputs: list[Path], out: Path, *, device: str = "auto",
                       batch_size: int = 100) -> pd.DataFrame:
     """<out>/<name>.png (input | reconstruction) per image and <out>/scores.csv (PSNR, SSIM, LPIPS, MSE);
     returns the scores. Images are center-cropped and resized to the model's size, as prepare does."""
-    model, device_ = load_trained(checkpoint, device)
+    model, device_ = load_trained(model_ref, device)
     files, images = load_images(image_files(inputs), model.config["image_size"])
     recon = reconstruct_all(model, images, batch_size, device_)
     lpips_model, lpips_source = lpips_or_none(device_, required=False)
@@ -87,13 +101,13 @@ def _unique_names(files: list[Path]) -> list[str]:
 
 
 @torch.no_grad()
-def sample_images(checkpoint: Path, out: Path, *, n: int, seed: int, between: tuple[Path, Path] | None = None,
+def sample_images(model_ref: str | Path, out: Path, *, n: int, seed: int, between: tuple[Path, Path] | None = None,
                   steps: int = 8) -> None:
     """`n` images decoded from the prior in `out`, and with `between`, the decoded line between two images
     in <out stem>-interpolation.png."""
-    model, _ = load_trained(checkpoint, "cpu")
+    model, _ = load_trained(model_ref, "cpu")
     if not model.generative:
-        raise AevaeError(f"{checkpoint} holds a deterministic {model.label}: it has no prior to sample from; "
+        raise AevaeError(f"{model_ref} holds a deterministic {model.label}: it has no prior to sample from; "
                          "use a VAE checkpoint (models/vae/best.pt)")
     samples = model.eval().sample(n, torch.Generator().manual_seed(seed))
     save_png(image_grid({"z ~ N(0, I)": to_uint8(samples)}), out)

@@ -98,16 +98,20 @@ def rate_distortion(out: str, where: tuple[str, ...], experiment: str) -> None:
     click.echo(f"wrote {path} and {path.with_suffix('.csv')}", err=True)
 
 
+model_argument = click.argument("model", metavar="MODEL")
+
+
 @aevae.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@model_argument
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", default="reconstructions", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for one side-by-side PNG per image and scores.csv.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def reconstruct(model: Path, inputs: tuple[Path, ...], out: Path, device: str) -> None:
-    """Reconstruct your own images (files or folders) with a trained MODEL checkpoint (e.g.
-    models/vae/best.pt): a PNG per image (input | reconstruction) and scores.csv with PSNR, SSIM, LPIPS
-    and MSE per image. Images are center-cropped and resized to the model's size, as prepare does."""
+def reconstruct(model: str, inputs: tuple[Path, ...], out: Path, device: str) -> None:
+    """Reconstruct your own images (files or folders) with a trained MODEL: a checkpoint (e.g.
+    models/vae/best.pt) or a model logged to MLflow (e.g. runs:/<run id>/model, models:/aevae-vae/1).
+    Writes a PNG per image (input | reconstruction) and scores.csv with PSNR, SSIM, LPIPS and MSE per
+    image. Images are center-cropped and resized to the model's size, as prepare does."""
     from aevae.apply import reconstruct_files
 
     scores = reconstruct_files(model, list(inputs), out, device=device)
@@ -116,20 +120,47 @@ def reconstruct(model: Path, inputs: tuple[Path, ...], out: Path, device: str) -
 
 
 @aevae.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@model_argument
 @click.option("-n", "n", default=16, show_default=True, type=click.IntRange(1, 1024), help="How many images.")
 @click.option("--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--between", nargs=2, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Two images: also write the decoded line between them to <out>-interpolation.png.")
 @click.option("--steps", default=8, show_default=True, type=click.IntRange(2, 64), help="Points on that line.")
-def sample(model: Path, n: int, out: Path, seed: int, between: tuple[Path, Path] | None, steps: int) -> None:
-    """Draw N images from a VAE checkpoint's prior, z ~ N(0, I), and optionally interpolate between two
-    images through the VAE's latent space."""
+def sample(model: str, n: int, out: Path, seed: int, between: tuple[Path, Path] | None, steps: int) -> None:
+    """Draw N images from a VAE's prior, z ~ N(0, I), and optionally interpolate between two images
+    through the VAE's latent space. MODEL: a checkpoint (models/vae/best.pt) or an MLflow model URI."""
     from aevae.apply import sample_images
 
     sample_images(model, out, n=n, seed=seed, between=between or None, steps=steps)
     click.echo(f"wrote {out}" + (f" and {out.with_name(out.stem + '-interpolation.png')}" if between else ""))
+
+
+@aevae.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to serve on.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+def ui(host: str, port: int) -> None:
+    """Open the runs in MLflow's UI: start it on this project's store (mlflow.db here) and print the
+    address of the runs table, one row per experiment with its params and every model's test scores.
+    With MLFLOW_TRACKING_URI pointing at a server, only print that server's address."""
+    import os
+    import shutil
+    import sys
+
+    from aevae import tracking
+
+    uri, experiment_id = tracking.tracking_uri(), tracking.existing_experiment_id()
+    if experiment_id is None:
+        raise AevaeError(f"no '{tracking.EXPERIMENT}' experiment in {uri}: run dvc repro first")
+    if uri.startswith(("http://", "https://")):
+        click.echo(tracking.ui_address(uri.rstrip("/"), experiment_id))
+        return
+    beside = Path(sys.executable).with_name("mlflow")  # the venv's, also when it is not activated
+    mlflow = str(beside) if beside.exists() else shutil.which("mlflow")
+    if mlflow is None:
+        raise AevaeError("no mlflow command beside this Python or on PATH: pip install -e . in the project's venv")
+    click.echo(f"aevae runs: {tracking.ui_address(f'http://{host}:{port}', experiment_id)}", err=True)
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
 
 
 def main() -> None:

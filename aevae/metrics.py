@@ -29,8 +29,9 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from tqdm.auto import tqdm
 
 from aevae import tracking
-from aevae.data import load_split
+from aevae.data import load_split, read_manifest
 from aevae.files import MetricsDir, ModelDir, atomic_path, write_text
+from aevae.images import to_uint8, to_unit
 from aevae.lpips_model import LPIPSUnavailable, load_lpips
 from aevae.models import Model, load_model, pick_device
 from aevae.params import Params
@@ -62,17 +63,6 @@ def ssim_per_image(pred: Tensor, target: Tensor) -> Tensor:
 
 def lpips_per_image(model: torch.nn.Module, pred: Tensor, target: Tensor) -> Tensor:
     return model(pred, target, normalize=True).flatten()  # normalize: [0, 1] -> [-1, 1]
-
-
-def to_unit(images: np.ndarray | Tensor) -> Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1]."""
-    images = torch.as_tensor(images)
-    return images.permute(0, 3, 1, 2).float().div(255)
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(N, 3, H, W) float in [0, 1] -> (N, H, W, 3) uint8, rounded."""
-    return images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -195,7 +185,8 @@ def lpips_or_none(device: torch.device, required: bool) -> tuple[torch.nn.Module
 
 
 def evaluate(params: Params, data_dir: Path, models: list[ModelDir], out: MetricsDir) -> dict:
-    """Score each model's best checkpoint on the test split; write `out` and log to the models' runs."""
+    """Score each model's best checkpoint on the test split; write `out` and log to the models' runs and
+    the pipeline's parent run."""
     device = pick_device(params.train.device)
     test = load_split(data_dir, "test")
     lpips_model, lpips_source = lpips_or_none(device, params.eval.require_lpips)
@@ -214,6 +205,7 @@ def evaluate(params: Params, data_dir: Path, models: list[ModelDir], out: Metric
     per_image = pd.concat(frames, ignore_index=True)
     summary = summarize(per_image, params.eval.bootstrap_samples, params.seed)
     result = write_results(out, per_image, summary, lpips_source, elbo)
-    tracking.log_test_results(models, out, summary, elbo,
-                              {"lpips_backbone": lpips_source or "missing: no AlexNet weights"})
+    tracking.log_test_results(models, out, summary, elbo, {"lpips_backbone": lpips_source or "missing: no AlexNet weights"},
+                              tracking.Pipeline.of(params.flat(), read_manifest(data_dir)["sha256"]),
+                              register=params.tracking.register_models)
     return result

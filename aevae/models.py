@@ -201,7 +201,8 @@ class VAE(_DenseCode, nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n images decoded from z ~ N(0, I)."""
-        return self.decode(torch.randn(n, self.latent_dim, generator=generator))
+        z = torch.randn(n, self.latent_dim, generator=generator)  # drawn on the CPU: same z on any device
+        return self.decode(z.to(self.to_mu.weight.device))
 
     def kl_weight(self, epoch: int | None) -> float:
         """beta, ramped up linearly over the first kl_warmup_epochs epochs (Bowman et al. 2016);
@@ -286,12 +287,13 @@ MODEL_PARAM_SECTIONS = ("vae",)  # params.yaml sections that only the models lis
 
 def training_params(kind: str, params: Params) -> dict[str, object]:
     """The params a model's training stage reads (its dvc.yaml entry lists the same), as logged to MLflow:
-    everything but evaluation and report settings, and of the model sections only what the model reads."""
+    everything but evaluation, report and tracking settings, and of the model sections only what the model
+    reads."""
     reads = MODELS[kind].reads_params
 
     def is_read(key: str) -> bool:
         section = key.split(".")[0]
-        if section in ("eval", "report"):
+        if section in ("eval", "report", "tracking"):
             return False
         return section not in MODEL_PARAM_SECTIONS or any(key == r or key.startswith(f"{r}.") for r in reads)
 
@@ -305,6 +307,35 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return set()
+    return set(next((line for line in lines if line.startswith("flags")), "").partition(":")[2].split())
+
+
+BF16_CPU_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}  # native bf16 matrix/vector units
+
+
+def cpu_isa() -> str:
+    """What the CPU offers torch's kernels: torch's vector capability plus native bf16 units, e.g.
+    "AVX512 + AMX-BF16 + AVX512-BF16" or "AVX2"."""
+    flags = cpu_flags()
+    return " + ".join([torch.backends.cpu.get_cpu_capability(), *(n for f, n in BF16_CPU_FLAGS.items() if f in flags)])
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """train.precision: auto is bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU
+    with AMX or AVX512-BF16) and fp32 elsewhere: on an AVX2-only CPU bf16 autocast ran 25x slower."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_flags() & set(BF16_CPU_FLAGS) else "fp32"
 
 
 def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -357,10 +388,27 @@ def load_model(path: Path, image_size: int | None = None) -> tuple[Model, dict[s
     if image_size is not None and config.get("image_size") != image_size:
         raise AevaeError(f"{path} was trained on {config.get('image_size')}px images but data.image_size is "
                          f"{image_size}; re-train with dvc repro")
+    return model_from_weights(checkpoint["kind"], config, checkpoint["state_dict"], str(path)), checkpoint
+
+
+def model_from_weights(kind: str, config: dict[str, Any], weights: dict[str, Tensor], source: str) -> Model:
+    """The model `kind` built from its `config`, with `weights`, in eval mode; `source` names where they
+    came from in the error."""
     try:
-        model = MODELS[checkpoint["kind"]](**config)
-        model.load_state_dict(checkpoint["state_dict"])
-    except (RuntimeError, TypeError) as err:
-        raise AevaeError(f"{path} does not match the {checkpoint['kind']} architecture "
+        model = MODELS[kind](**config)
+        model.load_state_dict(weights)
+    except (KeyError, RuntimeError, TypeError) as err:
+        raise AevaeError(f"{source} does not match the {kind} architecture "
                          f"({str(err).splitlines()[0]}); re-train with dvc repro --force") from None
-    return model.eval(), checkpoint
+    return model.eval()
+
+
+class Reconstructor(nn.Module):
+    """A model as MLflow serves it: images (N, 3, H, W) in [0, 1] -> its deterministic reconstructions."""
+
+    def __init__(self, model: Model) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.reconstruct(x)

@@ -53,7 +53,7 @@ class TrainParams(_Section):
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     plateau_patience: int = Field(3, ge=0)
     threads: int = Field(0, ge=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
 
 class EvalParams(_Section):
@@ -68,6 +68,13 @@ class ReportParams(_Section):
     interpolation_steps: int = Field(8, ge=2)
 
 
+class TrackingParams(_Section):
+    images_every: int = Field(2, ge=0)
+    image_count: int = Field(8, ge=1, le=64)
+    system_metrics: bool = True
+    register_models: bool = False
+
+
 class Params(_Section):
     seed: int = 0
     lr: float = Field(0.002, gt=0)
@@ -79,6 +86,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
     report: ReportParams = ReportParams()
+    tracking: TrackingParams = TrackingParams()
 
     def flat(self) -> dict[str, object]:
         """`section.key -> value`, the naming DVC and MLflow use."""

@@ -10,6 +10,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -19,10 +20,36 @@ from aevae.files import MetricsDir, ModelDir, write_text
 
 if TYPE_CHECKING:
     import pandas as pd
+    from PIL import Image
+
+    from aevae.models import Model
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "aevae"
+# MLflow's experiment kind: a classic model-training experiment opens on its runs table (the default
+# inferred for a new experiment is the GenAI overview of traces, empty here).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+ROLE = "aevae_role"  # tag: "pipeline" on the parent run of one pipeline execution, "stage" on its children
+HEADLINE = ("psnr", "ssim", "lpips", "neg_elbo_nats")  # the test metrics a parent run shows per model
+SWEPT_PARAMS = ("lr", "epochs", "batch_size", "vae.beta", "vae.latent_dim", "train.seed", "train.precision")
+VIEW = "aevae"  # the runs table's shared view: one row per experiment, its params and every model's test scores
+
+
+def runs_view() -> dict[str, Any]:
+    """MLflow UI state of the shared view VIEW (an experiment tag the UI reads for ?viewStateShareKey=):
+    the parent runs' columns, newest first."""
+    from aevae.models import MODEL_KINDS
+
+    metrics = [f"metrics.`{kind}_test_{m}`" for kind in MODEL_KINDS for m in HEADLINE
+               if m != "neg_elbo_nats" or kind == "vae"]
+    return {"selectedColumns": metrics + [f"params.`{p}`" for p in SWEPT_PARAMS],
+            "orderByKey": "attributes.start_time", "orderByAsc": False}
+
+
+def ui_address(base: str, experiment_id: str) -> str:
+    """Where the runs table opens with that view (the UI's default mode is GenAI's trace overview)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW}&workflowType=machine_learning"
 
 
 def project_root() -> Path:
@@ -60,6 +87,18 @@ def pipeline_id(params: dict[str, Any]) -> str:
     return f"{git_commit()[:8]}-{digest}"
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """One pipeline execution as its stages log it: every param (flat) and the tags of every run."""
+
+    params: dict[str, Any]
+    tags: dict[str, str]
+
+    @classmethod
+    def of(cls, params: dict[str, Any], data_sha256: str) -> Pipeline:
+        return cls(params, run_tags(data_sha256, params))
+
+
 def run_tags(data_sha256: str, params: dict[str, Any]) -> dict[str, str]:
     """Tags of every run: provenance (commit, data, versions) and the DVC experiment it belongs to."""
     import torch
@@ -95,20 +134,75 @@ def _mlflow():
     mlflow.set_tracking_uri(uri)
     try:
         with _store_lock(uri):
-            if mlflow.get_experiment_by_name(EXPERIMENT) is None:  # also creates the schema of a new store
-                mlflow.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri))
+            experiment = mlflow.get_experiment_by_name(EXPERIMENT)  # also creates the schema of a new store
+            tags = dict([EXPERIMENT_KIND, (f"mlflow.sharedViewState.{VIEW}", json.dumps(runs_view()))])
+            if experiment is None:
+                mlflow.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri), tags=tags)
+            else:  # a store an older aevae created
+                for key, value in tags.items():
+                    if experiment.tags.get(key) != value:
+                        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
     except mlflow.exceptions.MlflowException as err:
         raise AevaeError(f"MLflow store {uri} is not usable: {err}".replace("\n", " ")) from None
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
 
 
+def pipeline_name(pipeline: str) -> str:
+    """The parent run's name: the DVC experiment's, or `repro-<commit>-<params>` for a workspace repro."""
+    return os.environ.get("DVC_EXP_NAME") or f"repro-{pipeline}"
+
+
+def _find_or_create_parent(mlflow: Any, pipeline: Pipeline) -> str:
+    """The parent run of this pipeline execution: created by its first stage that logs, with every param
+    (the UI's compare view then shows what differs between experiments), found by the stages after it."""
+    client = mlflow.MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    with _store_lock(tracking_uri()):  # two queue workers never share a pipeline, but be exact anyway
+        found = client.search_runs([experiment_id], max_results=1, filter_string=(
+            f"tags.pipeline = '{pipeline.tags['pipeline']}' and tags.{ROLE} = 'pipeline'"))
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(experiment_id, run_name=pipeline_name(pipeline.tags["pipeline"]),
+                                tags={**pipeline.tags, ROLE: "pipeline"})
+    from mlflow.entities import Param
+
+    items = [Param(key, str(value)) for key, value in sorted(pipeline.params.items())]
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+        client.log_batch(run.info.run_id, params=items[start: start + 100])
+    return run.info.run_id
+
+
 @contextmanager
-def start_run(name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None) -> Iterator[Any]:
-    """A new MLflow run named `name` (or the run `run_id`, continued); ended KILLED on Ctrl-C/SIGTERM and
-    FAILED on any other error, so no run is left RUNNING."""
+def pipeline_stage(pipeline: Pipeline) -> Iterator[str]:
+    """The parent run's id while one stage of the pipeline runs: RUNNING meanwhile, then FINISHED, or
+    FAILED/KILLED when the stage fails, so its status is the pipeline's as far as it has got."""
     mlflow = _mlflow()
-    run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=name, tags=tags)
+    client = mlflow.MlflowClient()
+    parent = _find_or_create_parent(mlflow, pipeline)
+    client.update_run(parent, status="RUNNING")
+    try:
+        yield parent
+    except KeyboardInterrupt:
+        client.set_terminated(parent, status="KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(parent, status="FAILED")
+        raise
+    client.set_terminated(parent, status="FINISHED")
+
+
+@contextmanager
+def start_run(name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None,
+              parent_id: str | None = None, system_metrics: bool = False) -> Iterator[Any]:
+    """A new MLflow run named `name` (or the run `run_id`, continued), nested under `parent_id`; ended
+    KILLED on Ctrl-C/SIGTERM and FAILED on any other error, so no run is left RUNNING."""
+    mlflow = _mlflow()
+    if run_id:
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+    else:
+        run = mlflow.start_run(run_name=name, tags={**tags, ROLE: "stage"} if parent_id else tags,
+                               parent_run_id=parent_id, log_system_metrics=system_metrics)
     try:
         if not run_id:
             mlflow.log_params(params)
@@ -123,10 +217,12 @@ def start_run(name: str, params: dict[str, Any], tags: dict[str, str], run_id: s
 
 
 @contextmanager
-def training_run(name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None,
-                 run_file: Path) -> Iterator[str]:
-    """The run a training logs into (a new one, or `run_id` when resuming); its id goes to `run_file`."""
-    with start_run(name, params, tags, run_id=run_id) as run:
+def training_run(name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None, run_file: Path,
+                 parent_id: str, system_metrics: bool) -> Iterator[str]:
+    """The run a training logs into (a new one under the pipeline's parent run, or `run_id` when
+    resuming); its id goes to `run_file`. With `system_metrics`, MLflow samples CPU, memory and (when
+    present) GPU use into it every 10 s."""
+    with start_run(name, params, tags, run_id=run_id, parent_id=parent_id, system_metrics=system_metrics) as run:
         write_run_file(run_file, run)
         yield run.info.run_id
 
@@ -138,12 +234,58 @@ def log_epoch(row: dict[str, float]) -> None:
     mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
-def log_trained_model(out: ModelDir, best_val: float) -> None:
+def log_images(images: dict[str, Image.Image], step: int) -> None:
+    """Figures of the training as it goes, each under its key with its epoch, for MLflow's image view."""
     import mlflow
+
+    for key, image in images.items():
+        mlflow.log_image(image, key=key, step=step)
+
+
+def log_trained_model(out: ModelDir, best_val: float, model: Model) -> None:
+    """The best checkpoint, its history, and the model as an MLflow model (`runs:/<run id>/model`).
+
+    The MLflow model is `Reconstructor(model)` exported with torch.export (MLflow's safe "pt2" format: no
+    pickle), with a tensor signature (N, 3, H, W) float32 in [0, 1] -> the same shape, and the model's
+    kind and config as metadata, from which `load_logged_model` rebuilds the aevae model itself."""
+    from importlib.metadata import version
+
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from aevae.models import Reconstructor
 
     mlflow.log_metric("best_val_loss", best_val)
     mlflow.log_artifact(str(out.best), artifact_path="checkpoints")
     mlflow.log_artifact(str(out.history))
+    size = model.config["image_size"]
+    spec = Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size))])
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).numpy()  # batch > 1: a dynamic N
+    mlflow.pytorch.log_model(
+        Reconstructor(model).cpu(), name="model", signature=ModelSignature(inputs=spec, outputs=spec),
+        input_example=example, serialization_format="pt2", pip_requirements=[f"torch=={version('torch')}"],
+        metadata={"aevae_kind": model.kind, "aevae_config": model.config, "aevae_label": model.label})
+
+
+def load_logged_model(uri: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(kind, config, weights) of a model `log_trained_model` logged, from any MLflow model URI
+    (`runs:/<run id>/model`, `models:/aevae-vae/1`, ...)."""
+    import mlflow
+
+    _mlflow()
+    try:
+        info = mlflow.models.get_model_info(uri)
+        module = mlflow.pytorch.load_model(uri)
+    except (mlflow.exceptions.MlflowException, OSError) as err:
+        raise AevaeError(f"cannot load MLflow model {uri} from {tracking_uri()}: {err}".replace("\n", " ")) from None
+    meta = info.metadata or {}
+    if "aevae_kind" not in meta:
+        raise AevaeError(f"{uri} is not an aevae model (no aevae_kind in its MLflow metadata)")
+    weights = {key.removeprefix("model."): value for key, value in module.state_dict().items()}
+    return meta["aevae_kind"], meta["aevae_config"], weights
 
 
 @contextmanager
@@ -180,11 +322,16 @@ def run_id_of(model: ModelDir) -> str:
 
 
 def log_test_results(models: list[ModelDir], metrics: MetricsDir, summary: "pd.DataFrame",
-                     elbo: dict[str, dict[str, float]], tags: dict[str, str]) -> None:
-    """Test metrics, with their per-image 95% intervals, into each model's training run, so that MLflow
-    shows params and test scores side by side."""
+                     elbo: dict[str, dict[str, float]], tags: dict[str, str], pipeline: Pipeline,
+                     register: bool) -> None:
+    """Test metrics, with their per-image 95% intervals, into each model's training run (params and test
+    scores side by side), and the headline ones as `<model>_test_<metric>` into the pipeline's parent run,
+    with a link to each model's training run: one row per experiment in the UI's runs table. A model
+    restored from DVC's cache was trained under another parent; the link says which. With `register`,
+    each model also becomes a new version of `aevae-<model>` in the model registry."""
     import mlflow
 
+    headline, links = {}, {}
     for model in models:
         scores = {}
         for r in summary[summary["model"] == model.name].itertuples():
@@ -192,22 +339,68 @@ def log_test_results(models: list[ModelDir], metrics: MetricsDir, summary: "pd.D
                 scores.update({f"test_{r.metric}": r.mean, f"test_{r.metric}_ci_low": r.ci_low,
                                f"test_{r.metric}_ci_high": r.ci_high})
         scores.update({f"test_{name}": value for name, value in elbo.get(model.name, {}).items()})
-        with resume_run(model.run_file):
+        headline.update({f"{model.name}_test_{m}": scores[f"test_{m}"] for m in HEADLINE if f"test_{m}" in scores})
+        with resume_run(model.run_file) as run:
             mlflow.log_metrics(scores)
             mlflow.set_tags(tags)
             for path in (metrics.eval_json, metrics.per_image, metrics.summary):
                 mlflow.log_artifact(str(path), artifact_path="eval")
+            links[model.name] = run.data.tags.get("pipeline", "?")
+        if register:
+            mlflow.register_model(f"runs:/{run.info.run_id}/model", f"aevae-{model.name}")
+    with pipeline_stage(pipeline) as parent:
+        client = mlflow.MlflowClient()
+        client.log_batch(parent, metrics=[_metric(k, v) for k, v in headline.items()])
+        for key, value in tags.items():
+            client.set_tag(parent, key, value)
+        for model in models:
+            client.set_tag(parent, f"{model.name}_run_id", run_id_of(model))
+            client.set_tag(parent, f"{model.name}_trained_in", links[model.name])
+        client.set_tag(parent, "mlflow.note.content", _parent_note(models, links, client.get_run(parent)))
 
 
-def log_report(files: list[Path], models: list[ModelDir], data_sha256: str, params: dict[str, Any]) -> None:
-    """A `report` run holding every report file, tagged with the model runs it summarises."""
-    tags = run_tags(data_sha256, params)
-    tags.update({f"{model.name}_run_id": run_id_of(model) for model in models})
-    with start_run("report", {}, tags):
+def _metric(key: str, value: float) -> Any:
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+def _parent_note(models: list[ModelDir], links: dict[str, str], parent: Any) -> str:
+    """The parent run's description in the UI: where each model's training run is, with a link."""
+    experiment, here = parent.info.experiment_id, parent.data.tags.get("pipeline")
+    lines = ["Training runs of the models this pipeline evaluated:", ""]
+    for model in models:
+        run_id = run_id_of(model)
+        where = "trained here" if links[model.name] == here else f"restored from DVC's cache, trained in `{links[model.name]}`"
+        lines.append(f"- **{model.name}**: [{run_id[:8]}](#/experiments/{experiment}/runs/{run_id}) ({where})")
+    return "\n".join(lines)
+
+
+def log_report(files: list[Path], pipeline: Pipeline) -> None:
+    """A `report` run under the pipeline's parent run, holding every report file."""
+    with pipeline_stage(pipeline) as parent, start_run("report", {}, pipeline.tags, parent_id=parent):
         import mlflow
 
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="report")
+
+
+def existing_experiment_id(experiment: str = EXPERIMENT) -> str | None:
+    """The experiment's id in the store, or None; reading never creates a store (MLflow would, with its
+    schema, in whatever folder the user stands in)."""
+    import mlflow
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(unquote(uri.removeprefix("sqlite:///"))).exists():
+        return None
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+    except mlflow.exceptions.MlflowException as err:
+        raise AevaeError(f"cannot read MLflow store {uri}: {err}".replace("\n", " ")) from None
+    return found.experiment_id if found else None
 
 
 def model_runs(experiment: str = EXPERIMENT) -> "pd.DataFrame":
@@ -219,19 +412,16 @@ def model_runs(experiment: str = EXPERIMENT) -> "pd.DataFrame":
 
     from aevae.models import MODEL_KINDS
 
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(unquote(uri.removeprefix("sqlite:///"))).exists():
-        return pd.DataFrame()  # reading must not create a store (MLflow would, with its schema)
-    mlflow.set_tracking_uri(uri)
+    if existing_experiment_id(experiment) is None:
+        return pd.DataFrame()
     try:
-        if mlflow.get_experiment_by_name(experiment) is None:
-            return pd.DataFrame()
         runs = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time ASC"])
     except mlflow.exceptions.MlflowException as err:
-        raise AevaeError(f"cannot read MLflow store {uri}: {err}".replace("\n", " ")) from None
+        raise AevaeError(f"cannot read MLflow store {tracking_uri()}: {err}".replace("\n", " ")) from None
     if runs.empty:
         return pd.DataFrame()
-    runs = runs[runs["tags.mlflow.runName"].isin(MODEL_KINDS)].reset_index(drop=True)
+    stage = runs.get("tags.aevae_role", pd.Series("stage", index=runs.index)) != "pipeline"
+    runs = runs[runs["tags.mlflow.runName"].isin(MODEL_KINDS) & stage].reset_index(drop=True)
     table = pd.DataFrame({
         "run_id": runs["run_id"],
         "model": runs["tags.mlflow.runName"],

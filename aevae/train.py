@@ -16,9 +16,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from aevae import AevaeError, tracking
+from aevae.cores import CoreShare
 from aevae.data import load_split, read_manifest
 from aevae.files import ModelDir, atomic_path
-from aevae.models import Model, active_units, build_model, pick_device, save_model, training_params
+from aevae.images import image_grid, to_uint8
+from aevae.models import (Model, active_units, build_model, cpu_isa, load_model, pick_device, pick_precision,
+                          save_model, training_params)
 from aevae.params import Params
 
 log = logging.getLogger(__name__)
@@ -135,12 +138,12 @@ def _load_resumable(path: Path, kind: str, fingerprint: dict) -> dict | None:
 
 
 def train_one_epoch(state: TrainingState, train_x: Tensor, val_x: Tensor, params: Params,
-                    device: torch.device) -> dict[str, float]:
+                    device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """Train on every training image once, validate, step the scheduler; returns the epoch's history row.
     A non-finite loss raises FloatingPointError before anything of the epoch is kept."""
     epoch = state.epoch + 1
     lr = state.optimizer.param_groups[0]["lr"]
-    common = {"batch_size": params.batch_size, "device": device, "precision": params.train.precision}
+    common = {"batch_size": params.batch_size, "device": device, "precision": precision}
     train_terms = run_epoch(state.model, train_x, **common, epoch=epoch, optimizer=state.optimizer,
                             generator=state.generator, desc="train")
     val_terms = run_epoch(state.model, val_x, **common, desc="val")
@@ -182,6 +185,29 @@ def restore_best(state: TrainingState, kind: str, params: Params, out: ModelDir)
     save_model(out.best, best, epoch=state.best_epoch, val_loss=state.best_val)
 
 
+def _take_fair_share(cores: CoreShare, all_threads: int) -> None:
+    """train.threads: 0 -> as many torch threads as this training's share of the machine's cores."""
+    threads = cores.threads(all_threads)
+    if threads != torch.get_num_threads():
+        log.info("%d aevae trainings running on this machine: %d of %d torch threads for this one",
+                 cores.running(), threads, all_threads)
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def progress_images(model: Model, fixed: Tensor, device: torch.device, seed: int) -> dict[str, Any]:
+    """What MLflow shows of a training as it goes: reconstructions of fixed validation images and, for a
+    generative model, decodings of fixed prior draws. Eval mode and a generator of its own: the training's
+    batch statistics and random state are left exactly as they were (resume stays bitwise)."""
+    model.eval()
+    x = fixed.to(device).float().div(255)
+    images = {"val_reconstructions": image_grid({"validation": to_uint8(x), model.label: to_uint8(model.reconstruct(x))})}
+    if model.generative:
+        samples = model.sample(len(x), torch.Generator().manual_seed(seed))
+        images["prior_samples"] = image_grid({"z ~ N(0, I)": to_uint8(samples)})
+    return images
+
+
 def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -210,30 +236,40 @@ def train(kind: str, params: Params, data_dir: Path, out: ModelDir) -> list[dict
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
     device = pick_device(params.train.device)
+    precision = pick_precision(params.train.precision, device)
     train_x, val_x, data_sha256 = load_training_data(data_dir, params.data.image_size)
     logged_params = training_params(kind, params)
     fingerprint = {"params": logged_params, "data_sha256": data_sha256}
     state = start_or_resume(kind, params, out.last, fingerprint, device)
     restore_best(state, kind, params, out)
-    log.info("%s: %d train / %d val images of %dpx on %s, %d epochs", kind, len(train_x), len(val_x),
-             params.data.image_size, device, params.epochs)
-    tags = {**tracking.run_tags(data_sha256, params.flat()), "model_label": state.model.label}
-    with tracking.training_run(kind, logged_params, tags,
-                               run_id=state.run_id, run_file=out.run_file) as run_id:
+    isa = cpu_isa() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    log.info("%s: %d train / %d val images of %dpx on %s (%s, %s), %d epochs", kind, len(train_x), len(val_x),
+             params.data.image_size, device, isa, precision, params.epochs)
+    pipeline = tracking.Pipeline.of(params.flat(), data_sha256)
+    tags = {**pipeline.tags, "model_label": state.model.label, "precision": precision, "device": isa}
+    every, fixed = params.tracking.images_every, val_x[: params.tracking.image_count]
+    all_threads = torch.get_num_threads()
+    with CoreShare() as cores, tracking.pipeline_stage(pipeline) as parent, tracking.training_run(
+            kind, logged_params, tags, run_id=state.run_id, run_file=out.run_file, parent_id=parent,
+            system_metrics=params.tracking.system_metrics) as run_id:
         state.run_id = run_id
         epochs = tqdm(range(state.epoch + 1, params.epochs + 1), desc=f"train {kind}", unit="epoch",
                       initial=state.epoch, total=params.epochs)
         for _ in epochs:
+            if not params.train.threads:
+                _take_fair_share(cores, all_threads)
             try:
-                row = train_one_epoch(state, train_x, val_x, params, device)
+                row = train_one_epoch(state, train_x, val_x, params, device, precision)
             except FloatingPointError as err:
                 last_good = f"{out.last} (epoch {state.epoch})" if state.epoch else "none"
                 raise AevaeError(f"{kind} training diverged in epoch {state.epoch + 1}: {err} at lr "
                                  f"{state.optimizer.param_groups[0]['lr']:g}; last good checkpoint: {last_good}; "
                                  "lower lr and run again") from None
             save_epoch(state, out, fingerprint, params.epochs)
+            if every and (state.epoch % every == 0 or state.epoch == params.epochs):
+                tracking.log_images(progress_images(state.model, fixed, device, params.train.seed), step=state.epoch)
             epochs.set_postfix(train=f"{row['train_loss']:.4g}", val=f"{row['val_loss']:.4g}")
             log.info("%s epoch %d/%d  %s", kind, state.epoch, params.epochs,
                      "  ".join(f"{k}={v:.5g}" for k, v in row.items() if k != "epoch"))
-        tracking.log_trained_model(out, state.best_val)
+        tracking.log_trained_model(out, state.best_val, load_model(out.best)[0])
     return state.history

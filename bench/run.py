@@ -183,10 +183,9 @@ def measure_eval_ours(n: int) -> dict:
 
 def measure_eval_baseline(n: int) -> dict:
     """A notebook's evaluation: one image at a time through torchmetrics' PSNR, SSIM and LPIPS."""
-    import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from aevae.metrics import to_unit
+    from aevae.images import to_unit
 
     pred, target = _eval_images(n)
     model, note = _lpips_model()
@@ -293,6 +292,104 @@ def full_repro() -> dict:
     return {"seconds": time.perf_counter() - start, "peak_mib": usage.ru_maxrss / 1024}
 
 
+SWEEP = ["-S", "lr=0.002,0.004", "-S", "vae.beta=0.5,1,2"]  # six experiments: three betas share each lr
+SWEEP_PARAMS = {"epochs": 2, "data": {"builtin_size": 1000}}
+
+
+def _copy_repo(dst: Path) -> None:
+    shutil.rmtree(dst, ignore_errors=True)
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dst / name)
+
+
+def _sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return result.stdout
+
+
+def sweep(variant: str, workers: int) -> dict:
+    """The fixed small sweep, queued in a fresh copy of the repository with its own DVC cache and MLflow
+    store, run by `dvc queue start -j workers`; wall time from queue start to the last experiment's end.
+
+    variant "before": what the pipeline did before issue 14, rebuilt in the copy: training outputs with
+    `persist: true` (which turns DVC's run-cache off) and every worker running torch's default thread
+    count. "after": the pipeline as it is."""
+    import torch
+    import yaml
+
+    repo = OUT / f"sweep-{variant}-j{workers}"
+    _copy_repo(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["epochs"] = SWEEP_PARAMS["epochs"]
+    params["data"].update(SWEEP_PARAMS["data"])
+    if variant == "before":
+        params["train"]["threads"] = torch.get_num_threads()
+        stages = (repo / "dvc.yaml").read_text()
+        for kind in ("ae", "ae_code", "vae"):
+            stages = stages.replace(f"      - models/{kind}/best.pt\n      - models/{kind}/run.json\n    plots:",
+                                    f"      - models/{kind}/best.pt:\n          persist: true\n"
+                                    f"      - models/{kind}/run.json:\n          persist: true\n    plots:")
+        (repo / "dvc.yaml").write_text(stages)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "TQDM_DISABLE": "1", "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@b"}
+    env = {k: v for k, v in env.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "base"], ["dvc", "repro"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"], ["dvc", "exp", "run", "--queue", *SWEEP]):
+        _sh(cmd, repo, env)
+    start = time.perf_counter()
+    _sh(["dvc", "queue", "start", "-j", str(workers)], repo, env)
+    while True:
+        status = _sh(["dvc", "queue", "status"], repo, env)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    seconds = time.perf_counter() - start
+    if "Failed" in status:
+        raise SystemExit(f"an experiment of the {variant} -j {workers} sweep failed:\n{status}")
+    count = ("import mlflow, sys; r = mlflow.search_runs(experiment_names=['aevae']); "
+             "r = r[r['tags.aevae_role'] == 'stage']; print(r['tags.mlflow.runName'].isin(['ae', 'ae_code', 'vae']).sum())")
+    trainings = int(_sh([sys.executable, "-c", count], repo, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}))
+    experiments = status.count("Success")
+    shutil.rmtree(repo, ignore_errors=True)
+    return {"seconds": seconds, "trainings": trainings - 3, "experiments": experiments}  # minus the baseline's three
+
+
+def sweep_rows() -> list[str]:
+    results = {(v, j): sweep(v, j) for v in ("before", "after") for j in (1, 2)}
+    for key, r in results.items():
+        print(f"  sweep {key}: {r}", flush=True)
+    base = results[("before", 1)]["seconds"]
+    rows = ["| sweep (6 experiments) | wall time | vs before, -j 1 | vs -j 1 of the same code | trainings run |",
+            "|---|---|---|---|---|"]
+    for (variant, workers), r in results.items():
+        same_j1 = results[(variant, 1)]["seconds"]
+        rows.append(f"| {variant}, `dvc queue start -j {workers}` | {r['seconds']:.0f} s | {base / r['seconds']:.2f}x "
+                    f"| {same_j1 / r['seconds']:.2f}x | {r['trainings']} ({r['experiments']} experiments) |")
+    return rows
+
+
+SWEEP_HEADING = "## Sweeps"
+
+
+def sweep_section() -> str:
+    rows = sweep_rows()
+    return "\n".join([
+        SWEEP_HEADING, "",
+        f"Measured by `python bench/run.py` on {time.strftime('%Y-%m-%d')}: {machine()}.", "",
+        f"The same six queued experiments (`dvc exp run --queue {' '.join(SWEEP)}`, epochs "
+        f"{SWEEP_PARAMS['epochs']}, {SWEEP_PARAMS['data']['builtin_size']} built-in crops) after a baseline "
+        "`dvc repro`, each time in a fresh copy of the repository (its own DVC cache and MLflow store); wall "
+        "time from `dvc queue start` until the last experiment ended. *before*: training outputs with "
+        "`persist: true` (DVC's run-cache off) and every worker on torch's default thread count, as the "
+        "pipeline was; *after*: the pipeline as it is (run-cache on, `train.threads: 0` shares the cores). "
+        "Trainings run: new MLflow training runs (the baseline's three not counted).", "", *rows, ""])
+
+
 def machine() -> str:
     import torch
 
@@ -306,6 +403,8 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, no full dvc repro, no results.md")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="only the sweep section (about 15 minutes): replaces that section of results.md")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # dvc and the stages' `python` must be this interpreter's, also when its venv is not activated.
@@ -313,6 +412,15 @@ def main() -> None:
     if args.child:
         name, *rest = args.child
         print(json.dumps(globals()[f"measure_{name}"](*[int(a) if a.isdigit() else a for a in rest])))
+        return
+
+    results = REPO / "bench" / "results.md"
+    if args.sweep_only:
+        section = sweep_section()
+        print("\n" + section)
+        old = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
+        results.write_text(old.split(SWEEP_HEADING)[0].rstrip() + "\n\n" + section, encoding="utf-8")
+        print(f"wrote the sweep section of {results}")
         return
 
     n_train, n_eval, n_jpegs = (256, 200, 200) if args.quick else (1024, 1000, 1000)
@@ -362,10 +470,13 @@ def main() -> None:
         "Baseline: the study's notebook style, same model, optimizer and batch size: torchvision ImageFolder "
         "decoding PNG files every epoch through a DataLoader; evaluation one image at a time; preparation "
         "with a plain PIL loop into memory.", "", *table, "", *timings, ""])
+    if not args.quick:
+        print("running the sweep four times (about 15 minutes) ...", flush=True)
+        report += "\n" + sweep_section()
     print("\n" + report)
     if not args.quick:
-        (REPO / "bench" / "results.md").write_text(report, encoding="utf-8")
-        print(f"wrote {REPO / 'bench' / 'results.md'}")
+        results.write_text(report, encoding="utf-8")
+        print(f"wrote {results}")
 
 
 if __name__ == "__main__":

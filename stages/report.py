@@ -30,11 +30,12 @@ log = logging.getLogger("report")
 @models_argument
 def main(params_file: str, data_dir: str, metrics_dir: str, out: str, models: tuple[str, ...]) -> None:
     """Draw the comparison grid, loss curves, samples and worst cases of the models in MODELS folders,
-    write the metric table and report.md / report.html, and log them to MLflow as a `report` run."""
+    write the metric table and report.md / report.html, and log them to MLflow as a `report` run under the
+    pipeline's parent run."""
     params = load_params(params_file)
     model_dirs = [ModelDir(Path(m)) for m in models]
     files = build_report(params, Path(data_dir), model_dirs, MetricsDir(Path(metrics_dir)), Path(out))
-    tracking.log_report(files, model_dirs, read_manifest(Path(data_dir))["sha256"], params.flat())
+    tracking.log_report(files, tracking.Pipeline.of(params.flat(), read_manifest(Path(data_dir))["sha256"]))
     log.info("wrote %s: %s", out, ", ".join(p.name for p in files))
 
 

@@ -89,3 +89,6 @@ def test_reading_commands_never_create_a_store(tmp_path):
     result = aevae("compare", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.strip().startswith("Error: no model runs")
     assert not (tmp_path / "mlflow.db").exists() and "Traceback" not in result.stderr
+    result = aevae("ui", cwd=tmp_path)  # nothing to show: an error, not an empty UI on a new store
+    assert result.returncode == 1 and result.stderr.strip().startswith("Error: no 'aevae' experiment")
+    assert not (tmp_path / "mlflow.db").exists()

@@ -132,3 +132,16 @@ def test_checkpoints_are_loaded_without_running_pickled_code(tmp_path):
     with pytest.raises(AevaeError, match="not a loadable aevae checkpoint"):
         load_model(path)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"avx2", "fma"}, "fp32"), ({"avx512f", "avx512_bf16"}, "bf16"),
+                                                 ({"avx512f", "amx_bf16", "amx_tile"}, "bf16"), (set(), "fp32")])
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16_units(monkeypatch, flags, expected):
+    import aevae.models as models
+
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    cpu = torch.device("cpu")
+    assert models.pick_precision("auto", cpu) == expected
+    assert models.pick_precision("fp32", cpu) == "fp32" and models.pick_precision("bf16", cpu) == "bf16"
+    isa = models.cpu_isa()
+    assert isa.startswith(torch.backends.cpu.get_cpu_capability()) and ("AMX-BF16" in isa) == ("amx_bf16" in flags)

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
-from aevae.report import GAP, TILE_SCALE
+from aevae.images import GAP, TILE_SCALE
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("ae", "ae_code", "vae")  # the order of the evaluate stage's cmd
@@ -40,6 +40,7 @@ def env(tmp_path_factory) -> dict[str, str]:
     torch_home = tmp_path_factory.mktemp("torch_home")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", TORCH_HOME=str(torch_home),
+               MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",  # the tiny trainings last seconds, not minutes
                https_proxy="http://127.0.0.1:9", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     return env
@@ -70,9 +71,12 @@ def repo(tmp_path_factory, env) -> Path:
     return dst
 
 
-def runs(repo: Path) -> pd.DataFrame:
+def runs(repo: Path, role: str = "stage") -> pd.DataFrame:
+    """The stage runs (trainings, reports) of the store at the repo root, or with role="pipeline" the
+    parent runs, one per pipeline execution."""
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")  # the default store: mlflow.db at the repo root
-    return mlflow.search_runs(experiment_names=["aevae"])
+    frame = mlflow.search_runs(experiment_names=["aevae"])
+    return frame[frame["tags.aevae_role"] == role].reset_index(drop=True)
 
 
 def test_repro_writes_every_output(repo):
@@ -108,7 +112,7 @@ def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(repo, torchvisio
     """The per-image LPIPS evaluation wrote, recomputed by torchmetrics with the same real weights."""
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    from aevae.metrics import to_unit
+    from aevae.images import to_unit
 
     metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True, reduction="sum")
     per_image = pd.read_csv(repo / "metrics/per_image.csv")
@@ -154,10 +158,18 @@ def test_grid_shows_ground_truth_ae_and_vae_tiles_without_blur(repo):
             assert np.array_equal(grid[y: y + tile, x: x + tile], expected), (r, c)
 
 
-def test_mlflow_has_both_model_runs_and_the_report(repo):
-    frame = runs(repo)
-    names = sorted(frame["tags.mlflow.runName"])
-    assert names == ["ae", "ae_code", "report", "vae"]
+def test_mlflow_has_one_parent_run_with_the_model_runs_and_the_report_nested(repo):
+    frame, parents = runs(repo), runs(repo, "pipeline")
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("aevae")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    assert len(parents) == 1
+    parent = parents.iloc[0]
+    assert parent["status"] == "FINISHED" and parent["tags.mlflow.runName"].startswith("repro-")
+    assert sorted(frame["tags.mlflow.runName"]) == ["ae", "ae_code", "report", "vae"]
+    assert set(frame["tags.mlflow.parentRunId"]) == {parent["run_id"]}
+    # The parent: every param, and each model's headline test metrics, equal to what its run holds.
+    assert parent["params.lr"] == "0.002" and parent["params.vae.beta"] == "1.0"
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
     for kind in MODELS:
         row = frame[frame["tags.mlflow.runName"] == kind].iloc[0]
@@ -166,12 +178,59 @@ def test_mlflow_has_both_model_runs_and_the_report(repo):
         assert row["tags.data_sha256"] == manifest["sha256"]
         assert np.isfinite(row["metrics.test_psnr"]) and np.isfinite(row["metrics.test_ssim"])
         assert np.isfinite(row["metrics.val_loss"])
+        for metric in ("psnr", "ssim", "lpips"):
+            assert parent[f"metrics.{kind}_test_{metric}"] == row[f"metrics.test_{metric}"]
         run_id = json.loads((repo / f"models/{kind}/run.json").read_text())["run_id"]
-        assert row["run_id"] == run_id
+        assert row["run_id"] == run_id == parent[f"tags.{kind}_run_id"]
+        # Images while training (tiny params: one epoch, logged at the last), and system metrics.
+        images = {a.path.split("+")[0] for a in client.list_artifacts(run_id, "images")}
+        assert images == ({"images/val_reconstructions", "images/prior_samples"} if kind == "vae"
+                          else {"images/val_reconstructions"}), kind
+        assert any(k.startswith("metrics.system/cpu_utilization") for k in row.dropna().index), kind
+    assert parent["metrics.vae_test_neg_elbo_nats"] > 0
     report = frame[frame["tags.mlflow.runName"] == "report"].iloc[0]
-    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     assert "report/grid.png" in {a.path for a in client.list_artifacts(report["run_id"], "report")}
     assert (repo / "mlartifacts").is_dir()  # artifacts next to the store, not in the working directory
+
+
+def test_the_logged_mlflow_model_reconstructs_exactly_as_best_pt(repo):
+    """mlflow.pytorch.load_model on runs:/<run id>/model: the test images' reconstructions, bit for bit."""
+    import torch
+
+    from aevae.images import to_uint8, to_unit
+    from aevae.models import load_model
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    test = to_unit(np.load(repo / "data/prepared/test.npy"))
+    for kind in MODELS:
+        run_id = json.loads((repo / f"models/{kind}/run.json").read_text())["run_id"]
+        logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+        info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+        assert info.signature.inputs.inputs[0].shape == (-1, 3, 32, 32) and info.metadata["aevae_kind"] == kind
+        with torch.no_grad():
+            served = logged(test)
+            expected = load_model(repo / f"models/{kind}/best.pt")[0].reconstruct(test)
+        assert torch.equal(served, expected), kind
+        assert np.array_equal(to_uint8(served), np.load(repo / f"metrics/reconstructions/{kind}.npy")), kind
+
+
+def test_reconstruct_takes_an_mlflow_model_uri(repo, env, tmp_path):
+    """`aevae reconstruct runs:/<run id>/model` writes what the same command writes from best.pt."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+    run_id = json.loads((repo / "models/vae/run.json").read_text())["run_id"]
+    run(["aevae", "reconstruct", f"runs:/{run_id}/model", str(photos), "--out", str(tmp_path / "uri")], repo, env)
+    run(["aevae", "reconstruct", "models/vae/best.pt", str(photos), "--out", str(tmp_path / "pt")], repo, env)
+    assert (tmp_path / "uri/scores.csv").read_text() == (tmp_path / "pt/scores.csv").read_text()
+    for i in range(3):
+        assert (tmp_path / f"uri/p{i}.png").read_bytes() == (tmp_path / f"pt/p{i}.png").read_bytes()
+    bad = subprocess.run(["aevae", "reconstruct", "runs:/0123456789abcdef/model", str(photos)], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("Error: cannot load MLflow model")
+    assert "Traceback" not in bad.stderr
 
 
 def test_second_repro_does_nothing(repo, env):
@@ -211,10 +270,30 @@ def test_a_vae_only_experiment_reuses_the_committed_ae(repo, env):
     new = frame[frame["tags.dvc_exp_name"] == "beta-half"]
     assert sorted(new["tags.mlflow.runName"]) == ["report", "vae"]
     assert new.loc[new["tags.mlflow.runName"] == "vae", "params.vae.beta"].item() == "0.5"
+    # Its parent run links the cached AE to the run, and the pipeline, that trained it.
+    parent = runs(repo, "pipeline").query("`tags.dvc_exp_name` == 'beta-half'").iloc[0]
+    assert parent["tags.mlflow.runName"] == "beta-half" and parent["status"] == "FINISHED"
+    assert set(new["tags.mlflow.parentRunId"]) == {parent["run_id"]}
     baseline_ae = before.loc[before["tags.mlflow.runName"] == "ae", "run_id"].item()
-    assert new.loc[new["tags.mlflow.runName"] == "report", "tags.ae_run_id"].item() == baseline_ae
+    assert parent["tags.ae_run_id"] == baseline_ae
+    assert parent["tags.ae_trained_in"] == before.loc[before["tags.mlflow.runName"] == "ae", "tags.pipeline"].item()
+    assert parent["tags.vae_trained_in"] == "beta-half"
+    assert "restored from DVC's cache" in parent["tags.mlflow.note.content"]
     shown, baseline = exp_metrics(repo, env)["beta-half"]["ae"], json.loads((repo / "metrics/eval.json").read_text())
     assert (shown["psnr"], shown["ssim"]) == (baseline["ae"]["psnr"], baseline["ae"]["ssim"])
+
+
+def test_registering_the_models_is_one_param_and_trains_nothing(repo, env):
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert not client.search_registered_models()  # off by default: the runs so far registered nothing
+    out = run(["dvc", "exp", "run", "--temp", "-n", "registered", "-S", "tracking.register_models=true"], repo, env).stdout
+    assert "Running stage 'train_" not in out and "Running stage 'evaluate'" in out
+    for kind in MODELS:
+        versions = client.search_model_versions(f"name = 'aevae-{kind}'")
+        trained = json.loads((repo / f"models/{kind}/run.json").read_text())["run_id"]
+        assert [v.run_id for v in versions] == [trained], kind
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    assert mlflow.models.get_model_info("models:/aevae-vae/1").metadata["aevae_kind"] == "vae"
 
 
 def test_exp_run_with_a_param_override_retrains_both_models(repo, env):
@@ -224,7 +303,7 @@ def test_exp_run_with_a_param_override_retrains_both_models(repo, env):
     assert "Running stage 'train_ae'" in out and "Running stage 'train_vae'" in out
     assert "Running stage 'prepare'" not in out  # the data does not depend on lr
     frame = runs(repo)
-    assert len(frame) == before + 4
+    assert len(frame) == before + 4 and len(runs(repo, "pipeline").query("`tags.dvc_exp_name` == 'lr-test'")) == 1
     new = frame[frame["params.lr"] == "0.001"]
     assert sorted(new["tags.mlflow.runName"]) == ["ae", "ae_code", "vae"]
     assert set(new["tags.dvc_exp_name"]) == {"lr-test"}
@@ -269,8 +348,22 @@ def test_temp_and_queued_experiments_land_in_the_one_store(repo, env):
         assert set(rows["status"]) == {"FINISHED"}
         assert set(rows.loc[rows["tags.mlflow.runName"] != "report", "params.lr"]) == {lr}
         assert set(rows["tags.pipeline"]) == {name}  # one tag finds all runs of the execution
+        parent = runs(repo, "pipeline").query("`tags.mlflow.runName` == @name")
+        assert len(parent) == 1 and set(rows["tags.mlflow.parentRunId"]) == {parent["run_id"].item()}, name
+        assert parent["status"].item() == "FINISHED" and parent["params.lr"].item() == lr
     assert not list(repo.glob(".dvc/tmp/exps/**/mlflow.db"))  # nothing was left in DVC's temporary copies
     assert {"temp-exp", "queued-a", "queued-b"} <= set(exp_metrics(repo, env))
+
+
+def test_plots_diff_shows_the_grids_of_two_experiments_side_by_side(repo, env, tmp_path):
+    shown = json.loads(run(["dvc", "plots", "diff", "temp-exp", "queued-a", "--json", "-o", str(tmp_path / "plots")],
+                           repo, env).stdout)["data"]
+    for image in ("reports/grid.png", "reports/samples.png", "reports/curves.png"):
+        files = {entry["revisions"][0]: Path(entry["url"]) for entry in shown[image] if entry["type"] == "image"}
+        assert set(files) == {"temp-exp", "queued-a"}, image
+        assert all(path.stat().st_size > 1000 for path in files.values()), image
+    grids = {rev: Path(e["url"]).read_bytes() for e in shown["reports/grid.png"] for rev in e["revisions"]}
+    assert grids["temp-exp"] != grids["queued-a"]  # each experiment's own grid (lr 0.003 vs 0.004)
 
 
 def test_compare_prints_the_numbers_dvc_exp_show_has(repo, env):
@@ -322,9 +415,15 @@ def test_the_pipeline_logs_to_a_tracking_server_unchanged(repo, env, mlflow_serv
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("aevae")
     found = client.search_runs([experiment.experiment_id], "tags.dvc_exp_name = 'on-server'")
-    assert sorted(r.info.run_name for r in found) == ["ae", "ae_code", "report", "vae"]
+    assert sorted(r.info.run_name for r in found) == ["ae", "ae_code", "on-server", "report", "vae"]
     ae = next(r for r in found if r.info.run_name == "ae")
     assert ae.data.params["lr"] == "0.0015" and "test_psnr" in ae.data.metrics
+    # `aevae ui` with a server: the address of the runs table there, with the view the experiment holds.
+    address = run(["aevae", "ui"], repo, server_env).stdout.strip()
+    assert address == (f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey=aevae"
+                       "&workflowType=machine_learning")
+    view = json.loads(experiment.tags["mlflow.sharedViewState.aevae"])
+    assert "metrics.`vae_test_psnr`" in view["selectedColumns"] and "params.`vae.beta`" in view["selectedColumns"]
     assert "checkpoints/best.pt" in {a.path for a in client.list_artifacts(ae.info.run_id, "checkpoints")}
 
 

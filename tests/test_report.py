@@ -1,7 +1,8 @@
 import numpy as np
 import pandas as pd
 
-from aevae.report import GAP, TILE_SCALE, comparison_sentences, image_grid
+from aevae.images import GAP, TILE_SCALE, image_grid
+from aevae.report import comparison_sentences
 
 
 def tiles(n: int, size: int = 8, seed: int = 0) -> np.ndarray:

@@ -163,6 +163,19 @@ def ui(host: str, port: int) -> None:
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
 
 
+@aevae.command()
+def sync() -> None:
+    """Send to MLflow what trainings could not log while the tracking server was unreachable (kept in
+    .dvc/tmp/mlflow-pending/ of this repository), oldest first; every aevae stage also does this first."""
+    from aevae import tracking
+
+    delivered, waiting = tracking.deliver_pending()
+    if waiting:
+        raise AevaeError(f"{tracking.tracking_uri()} does not answer: {waiting} run(s) still wait in "
+                         f"{tracking.pending_dir()}; run aevae sync again when it does")
+    click.echo(f"{delivered} run(s) completed in {tracking.tracking_uri()}" if delivered else "nothing was waiting")
+
+
 def main() -> None:
     """Entry point of the `aevae` command."""
     run(aevae)

@@ -178,18 +178,33 @@ def pipeline_stage(pipeline: Pipeline) -> Iterator[str]:
     """The parent run's id while one stage of the pipeline runs: RUNNING meanwhile, then FINISHED, or
     FAILED/KILLED when the stage fails, so its status is the pipeline's as far as it has got."""
     mlflow = _mlflow()
+    delivered, waiting = deliver_pending()  # what earlier stages could not send, oldest first
+    if delivered or waiting:
+        log.info("MLflow: %d run(s) with undelivered items sent, %d still waiting", delivered, waiting)
     client = mlflow.MlflowClient()
     parent = _find_or_create_parent(mlflow, pipeline)
     client.update_run(parent, status="RUNNING")
     try:
         yield parent
     except KeyboardInterrupt:
-        client.set_terminated(parent, status="KILLED")
+        _set_parent_status(parent, "KILLED")
         raise
     except BaseException:
-        client.set_terminated(parent, status="FAILED")
+        _set_parent_status(parent, "FAILED")
         raise
-    client.set_terminated(parent, status="FINISHED")
+    _set_parent_status(parent, "FINISHED")
+
+
+def _set_parent_status(parent: str, status: str) -> None:
+    """The parent's status after a stage, with the run's own items delivered; the parent's status is
+    not worth an Outbox of its own: the next stage sets it again."""
+    import mlflow
+
+    try:
+        with _fail_fast():
+            mlflow.MlflowClient().set_terminated(parent, status=status)
+    except Exception as err:
+        log.warning("MLflow: parent run %s not marked %s (%s)", parent, status, str(err).splitlines()[0])
 
 
 @contextmanager
@@ -221,33 +236,238 @@ def training_run(name: str, params: dict[str, Any], tags: dict[str, str], run_id
                  parent_id: str, system_metrics: bool) -> Iterator[str]:
     """The run a training logs into (a new one under the pipeline's parent run, or `run_id` when
     resuming); its id goes to `run_file`. With `system_metrics`, MLflow samples CPU, memory and (when
-    present) GPU use into it every 10 s."""
-    with start_run(name, params, tags, run_id=run_id, parent_id=parent_id, system_metrics=system_metrics) as run:
-        write_run_file(run_file, run)
+    present) GPU use into it every 10 s.
+
+    Starting needs the store (an unreachable server is an error before any training); after that the
+    store may go away: what cannot be logged waits in the run's Outbox, and the run's end is one more
+    item there, so the run reads FINISHED only once everything before it has arrived."""
+    mlflow = _mlflow()
+    if run_id:
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+    else:
+        run = mlflow.start_run(run_name=name, tags={**tags, ROLE: "stage"}, parent_run_id=parent_id,
+                               log_system_metrics=system_metrics)
+        mlflow.log_params(params)
+    write_run_file(run_file, run)
+    outbox = Outbox(run.info.run_id)
+    try:
         yield run.info.run_id
+    except KeyboardInterrupt:
+        _end_training_run(outbox, "KILLED")
+        raise
+    except BaseException:
+        _end_training_run(outbox, "FAILED")
+        raise
+    _end_training_run(outbox, "FINISHED")
+
+
+def _end_training_run(outbox: Outbox, status: str) -> None:
+    """The run's end, as the last item of its Outbox; then the fluent run (and its system metrics
+    sampler) is closed, which sets the same status again, or fails harmlessly while the store is away."""
+    import mlflow
+
+    outbox.put({"kind": "end", "status": status, "end_time": _now_ms()})
+    delivered = outbox.deliver()
+    try:
+        with _fail_fast():
+            mlflow.end_run(status=status)
+    except Exception as err:
+        log.debug("end_run: %s", err)
+    if not delivered:
+        log.warning("MLflow at %s is unreachable: %d item(s) of run %s (the last: its %s status) wait in %s; "
+                    "the next aevae stage sends them, or `aevae sync` once the server is back",
+                    tracking_uri(), len(outbox.items()), outbox.run_id, status, outbox.path)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+# ---------------------------------------------------------------- outages of a tracking server
+
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextmanager
+def _fail_fast() -> Iterator[None]:
+    """One try, 10 s at most: MLflow's client retries a dead server for minutes (a 30 s outage stalled
+    training for 70 s), and a training must not wait on it."""
+    saved = {key: os.environ.get(key) for key in FAIL_FAST}
+    os.environ.update(FAIL_FAST)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def pending_dir() -> Path:
+    """Where undelivered items wait: inside the repository the user started from (a queued experiment's
+    temporary copy is deleted when it ends), in DVC's git-ignored tmp folder."""
+    return project_root() / ".dvc" / "tmp" / "mlflow-pending"
+
+
+class Outbox:
+    """What a run could not log yet, in order: one JSON line per item (an epoch's metrics, a file, the
+    model, the run's end) in pending_dir()/<run id>.jsonl; files are copied beside it. `deliver` sends
+    the items oldest first and keeps whatever the store did not take, so every epoch arrives, in order,
+    once; a request that failed after the server stored it (a timeout at the wrong moment) would be sent
+    again, which for metrics adds a duplicate point at the same step."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.path = pending_dir() / f"{run_id}.jsonl"
+
+    def items(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def put(self, item: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(item) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def keep_file(self, path: Path) -> str:
+        """A copy of `path` that outlives the stage's folder, for a later delivery."""
+        import shutil
+
+        copy = self.path.parent / self.run_id / path.name  # the name the artifact keeps
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy)
+        return str(copy)
+
+    def deliver(self) -> bool:
+        """Send every item, oldest first; True when nothing is left. One sender at a time: another
+        process delivering this run already is left to it."""
+        from filelock import FileLock, Timeout
+
+        if not self.path.exists():
+            return True
+        try:
+            with FileLock(f"{self.path}.lock", timeout=0):
+                return self._deliver_all()
+        except Timeout:
+            return False
+
+    def _deliver_all(self) -> bool:
+        items = self.items()
+        done = 0
+        try:
+            with _fail_fast():
+                for item in items:
+                    _deliver(self.run_id, item)
+                    done += 1
+        except Exception as err:  # any failure of the store: keep the rest, in order, for later
+            log.debug("MLflow delivery for run %s stopped: %s", self.run_id, err)
+        if done == len(items):
+            self._clear()
+            return True
+        from aevae.files import write_text
+
+        write_text(self.path, "".join(json.dumps(item) + "\n" for item in items[done:]))
+        return False
+
+    def _clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.path.parent / self.run_id, ignore_errors=True)
+        self.path.unlink(missing_ok=True)
+
+
+def _deliver(run_id: str, item: dict[str, Any]) -> None:
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    if item["kind"] == "metrics":
+        client.log_batch(run_id, metrics=[Metric(k, v, item["timestamp"], item["step"]) for k, v in item["metrics"].items()])
+    elif item["kind"] == "file":
+        client.log_artifact(run_id, item["file"], artifact_path=item["artifact_path"])
+    elif item["kind"] == "model":
+        from aevae.models import load_model
+
+        with mlflow.start_run(run_id=run_id):
+            _log_model(load_model(Path(item["file"]))[0])
+    elif item["kind"] == "end":
+        client.set_terminated(run_id, status=item["status"], end_time=item["end_time"])
+
+
+def deliver_pending() -> tuple[int, int]:
+    """Send what earlier stages could not; (runs completed, runs still waiting)."""
+    folder = pending_dir()
+    waiting = sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime) if folder.exists() else []
+    if not waiting:
+        return 0, 0
+    _mlflow()
+    left = sum(not Outbox(path.stem).deliver() for path in waiting)
+    return len(waiting) - left, left
 
 
 def log_epoch(row: dict[str, float]) -> None:
-    """One epoch's history row as metrics of the active run, at step = epoch."""
+    """One epoch's history row as metrics of the active run, at step = epoch; through the run's Outbox,
+    so that an unreachable store delays it instead of stopping the training."""
     import mlflow
 
-    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+    outbox = Outbox(mlflow.active_run().info.run_id)
+    was_waiting = outbox.path.exists()
+    outbox.put({"kind": "metrics", "step": int(row["epoch"]), "timestamp": _now_ms(),
+                "metrics": {k: v for k, v in row.items() if k != "epoch"}})
+    if outbox.deliver():
+        if was_waiting:
+            log.warning("MLflow at %s answers again: the epochs it missed were delivered", tracking_uri())
+    elif not was_waiting:
+        log.warning("MLflow at %s does not answer: training goes on, its metrics wait in %s and are sent, in "
+                    "order, when it answers again", tracking_uri(), outbox.path)
 
 
 def log_images(images: dict[str, Image.Image], step: int) -> None:
-    """Figures of the training as it goes, each under its key with its epoch, for MLflow's image view."""
+    """Figures of the training as it goes, each under its key with its epoch, for MLflow's image view.
+    They illustrate the metrics and are not kept for later: during an outage they are skipped."""
     import mlflow
 
-    for key, image in images.items():
-        mlflow.log_image(image, key=key, step=step)
+    try:
+        with _fail_fast():
+            for key, image in images.items():
+                mlflow.log_image(image, key=key, step=step, synchronous=True)
+    except Exception as err:  # the store is away: the metrics are what must arrive
+        log.warning("images of epoch %d not logged to MLflow (%s)", step, str(err).splitlines()[0])
 
 
 def log_trained_model(out: ModelDir, best_val: float, model: Model) -> None:
-    """The best checkpoint, its history, and the model as an MLflow model (`runs:/<run id>/model`).
+    """The best checkpoint, its history, and the model as an MLflow model (`runs:/<run id>/model`); what
+    the store does not take now goes to the run's Outbox, before the run's end."""
+    import mlflow
 
-    The MLflow model is `Reconstructor(model)` exported with torch.export (MLflow's safe "pt2" format: no
-    pickle), with a tensor signature (N, 3, H, W) float32 in [0, 1] -> the same shape, and the model's
-    kind and config as metadata, from which `load_logged_model` rebuilds the aevae model itself."""
+    outbox = Outbox(mlflow.active_run().info.run_id)
+    outbox.put({"kind": "metrics", "step": 0, "timestamp": _now_ms(), "metrics": {"best_val_loss": best_val}})
+    best = outbox.keep_file(out.best)
+    outbox.put({"kind": "file", "file": best, "artifact_path": "checkpoints"})
+    outbox.put({"kind": "file", "file": outbox.keep_file(out.history), "artifact_path": None})
+    if outbox.deliver():
+        try:
+            with _fail_fast():
+                _log_model(model)
+            return
+        except Exception as err:  # the store went away between the two
+            log.debug("logging the model failed: %s", err)
+        best = outbox.keep_file(out.best)  # delivering cleared the copy
+    outbox.put({"kind": "model", "file": best})
+
+
+def _log_model(model: Model) -> None:
+    """The model as an MLflow model in the active run.
+
+    It is `Reconstructor(model)` exported with torch.export (MLflow's safe "pt2" format: no pickle), with
+    a tensor signature (N, 3, H, W) float32 in [0, 1] -> the same shape, and the model's kind and config
+    as metadata, from which `load_logged_model` rebuilds the aevae model itself."""
     from importlib.metadata import version
 
     import mlflow
@@ -258,9 +478,6 @@ def log_trained_model(out: ModelDir, best_val: float, model: Model) -> None:
 
     from aevae.models import Reconstructor
 
-    mlflow.log_metric("best_val_loss", best_val)
-    mlflow.log_artifact(str(out.best), artifact_path="checkpoints")
-    mlflow.log_artifact(str(out.history))
     size = model.config["image_size"]
     spec = Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size))])
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).numpy()  # batch > 1: a dynamic N

@@ -79,3 +79,60 @@ def torchvision_alexnet_cache(offline_torch_home) -> Path:
     hub_cache_file().parent.mkdir(parents=True)
     torch.save(alexnet, hub_cache_file())
     return hub_cache_file()
+
+
+class TrackingServer:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, local artifact root) that a test can kill
+    (SIGKILL, the whole process group: uvicorn and its job workers) and start again on the same port."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.folder, self.env, self.proc = folder, {**env, "https_proxy": ""}, None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", (self.folder / "server-artifacts").as_uri(), "--workers", "1"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.communicate()[1][-2000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"mlflow server on {self.uri} did not answer within {timeout} s")
+
+    def kill(self) -> None:
+        import os
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture
+def tracking_server(tmp_path, request):
+    """Started; killed at the end of the test. Uses the test module's `env` fixture when it has one."""
+    import os
+
+    env = request.getfixturevalue("env") if "env" in request.fixturenames else dict(os.environ)
+    server = TrackingServer(tmp_path, env)
+    server.start()
+    yield server
+    server.kill()

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -378,38 +376,8 @@ def test_compare_prints_the_numbers_dvc_exp_show_has(repo, env):
             assert row["test_ssim"] == pytest.approx(shown[name][kind]["ssim"], abs=1e-5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, env):
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", (tmp_path / "server-artifacts").as_uri(), "--workers", "1"],
-        env={**env, "https_proxy": ""}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert server.poll() is None, server.communicate()[1][-2000:]
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def test_the_pipeline_logs_to_a_tracking_server_unchanged(repo, env, mlflow_server):
+def test_the_pipeline_logs_to_a_tracking_server_unchanged(repo, env, tracking_server):
+    mlflow_server = tracking_server.uri
     server_env = {**env, "MLFLOW_TRACKING_URI": mlflow_server, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
     run(["dvc", "exp", "run", "--temp", "-n", "on-server", "-S", "lr=0.0015"], repo, server_env)
     client = mlflow.MlflowClient(mlflow_server)

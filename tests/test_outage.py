@@ -1,0 +1,96 @@
+"""Training outlives its tracking server: a real `mlflow server` killed mid-training and started again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO
+
+EPOCHS = 30
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", TQDM_DISABLE="1", TORCH_HOME=str(tmp_path / "torch"))
+    return env
+
+
+def history_rows(path: Path) -> int:
+    try:
+        return len(pd.read_csv(path))
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return 0
+
+
+def wait_for_epoch(training: subprocess.Popen, history: Path, epoch: int, timeout: float = 300) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (rows := history_rows(history)) >= epoch:
+            return rows
+        assert training.poll() is None, "the training ended before the epoch the test waits for"
+        time.sleep(0.05)
+    raise AssertionError(f"epoch {epoch} not reached in {timeout} s")
+
+
+def test_metrics_survive_two_outages_and_arrive_in_order(tmp_path, env, write_params, tracking_server):
+    """Outage 1 ends during training: the missed epochs arrive with the next one. Outage 2 lasts past the
+    training's end: the stage warns, and `aevae sync` delivers the rest, the model and the FINISHED."""
+    params = write_params({"epochs": EPOCHS, "batch_size": 32, "data": {"image_size": 32, "builtin_size": 800},
+                           "tracking": {"images_every": 5}})
+    subprocess.run([sys.executable, str(REPO / "stages/prepare.py"), "--params", params, "--out", "prepared"],
+                   cwd=tmp_path, env=env, check=True, capture_output=True)
+    env = {**env, "MLFLOW_TRACKING_URI": tracking_server.uri}
+    history = tmp_path / "ae/history.csv"
+    training = subprocess.Popen(
+        [sys.executable, str(REPO / "stages/train.py"), "--model", "ae", "--params", params, "--data", "prepared",
+         "--out", "ae"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        down_at = wait_for_epoch(training, history, 2)
+        tracking_server.kill()
+        outage_start = time.monotonic()
+        wait_for_epoch(training, history, down_at + 3)
+        tracking_server.start()
+        back_at = history_rows(history)
+        outage_seconds = time.monotonic() - outage_start
+        wait_for_epoch(training, history, EPOCHS - 3)
+        tracking_server.kill()  # outage 2: until after the training ends
+        _, stderr = training.communicate(timeout=600)
+    finally:
+        training.kill()
+    assert training.returncode == 0, stderr[-3000:]
+    assert "does not answer: training goes on" in stderr and "answers again" in stderr
+    assert "aevae sync" in stderr.splitlines()[-1] or "aevae sync" in stderr  # the end-of-stage warning
+    pending = list((tmp_path / ".dvc/tmp/mlflow-pending").glob("*.jsonl"))
+    assert len(pending) == 1
+
+    tracking_server.start()
+    synced = subprocess.run([sys.executable, "-c", "from aevae.commands import main; main()", "sync"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    assert "1 run(s) completed" in synced.stdout
+    assert not list((tmp_path / ".dvc/tmp/mlflow-pending").glob("*.jsonl"))
+
+    run_id = json.loads((tmp_path / "ae/run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(tracking_server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
+    assert sorted(steps) == list(range(1, EPOCHS + 1))  # every epoch, once
+    written = pd.read_csv(history)["train_loss"].tolist()
+    logged = [m.value for m in sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)]
+    assert logged == pytest.approx(written, rel=1e-12)
+    assert "checkpoints/best.pt" in {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    mlflow.set_tracking_uri(tracking_server.uri)
+    assert mlflow.models.get_model_info(f"runs:/{run_id}/model").metadata["aevae_kind"] == "ae"
+    print(f"outage 1: server down after epoch {down_at} for {outage_seconds:.1f} s, {back_at - down_at} epochs "
+          f"ended meanwhile; outage 2 from epoch {EPOCHS - 3} past the end; all {EPOCHS} epochs arrived once")

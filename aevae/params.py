@@ -53,7 +53,7 @@ class TrainParams(_Section):
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     plateau_patience: int = Field(3, ge=0)
     threads: int = Field(0, ge=0)
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class EvalParams(_Section):

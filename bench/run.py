@@ -326,6 +326,8 @@ def sweep(variant: str, workers: int) -> dict:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["epochs"] = SWEEP_PARAMS["epochs"]
     params["data"].update(SWEEP_PARAMS["data"])
+    # Both variants in fp32: this row measures the run-cache and the core sharing, not the precision.
+    params["train"]["precision"] = "fp32"
     if variant == "before":
         params["train"]["threads"] = torch.get_num_threads()
         stages = (repo / "dvc.yaml").read_text()

@@ -127,6 +127,23 @@ def _store_lock(uri: str):
     return FileLock(f"{db}.lock", timeout=600)
 
 
+def store_error(err: Exception, what: str) -> AevaeError:
+    """One line for an MLflow failure: `what` failed, and why; for a server that refuses the login or the
+    permission, what to set instead of MLflow's HTTP status."""
+    uri, user = tracking_uri(), os.environ.get("MLFLOW_TRACKING_USERNAME")
+    code = getattr(err, "error_code", "")
+    if code == "UNAUTHENTICATED" and not user:
+        return AevaeError(f"MLflow at {uri} asks for a login: set MLFLOW_TRACKING_USERNAME and "
+                          "MLFLOW_TRACKING_PASSWORD to your account there (README: Team scale)")
+    if code == "UNAUTHENTICATED":
+        return AevaeError(f"MLflow at {uri} refused the login of '{user}' (wrong password or no such user): check "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if code == "PERMISSION_DENIED":
+        return AevaeError(f"MLflow at {uri} does not let '{user}' {what}: ask its admin for EDIT permission on "
+                          f"experiment '{EXPERIMENT}' (README: Team scale)")
+    return AevaeError(f"cannot {what} ({uri}): {err}".replace("\n", " "))
+
+
 def _mlflow():
     import mlflow
 
@@ -143,7 +160,7 @@ def _mlflow():
                     if experiment.tags.get(key) != value:
                         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
     except mlflow.exceptions.MlflowException as err:
-        raise AevaeError(f"MLflow store {uri} is not usable: {err}".replace("\n", " ")) from None
+        raise store_error(err, "log to the MLflow store") from None
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
 
@@ -388,7 +405,8 @@ def _deliver(run_id: str, item: dict[str, Any]) -> None:
 
     client = mlflow.MlflowClient()
     if item["kind"] == "metrics":
-        client.log_batch(run_id, metrics=[Metric(k, v, item["timestamp"], item["step"]) for k, v in item["metrics"].items()])
+        metrics = [Metric(k, v, item["timestamp"], item["step"]) for k, v in item["metrics"].items()]
+        client.log_batch(run_id, metrics=metrics)
     elif item["kind"] == "file":
         client.log_artifact(run_id, item["file"], artifact_path=item["artifact_path"])
     elif item["kind"] == "model":
@@ -497,7 +515,7 @@ def load_logged_model(uri: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         info = mlflow.models.get_model_info(uri)
         module = mlflow.pytorch.load_model(uri)
     except (mlflow.exceptions.MlflowException, OSError) as err:
-        raise AevaeError(f"cannot load MLflow model {uri} from {tracking_uri()}: {err}".replace("\n", " ")) from None
+        raise store_error(err, f"load MLflow model {uri}") from None
     meta = info.metadata or {}
     if "aevae_kind" not in meta:
         raise AevaeError(f"{uri} is not an aevae model (no aevae_kind in its MLflow metadata)")
@@ -590,7 +608,8 @@ def _parent_note(models: list[ModelDir], links: dict[str, str], parent: Any) -> 
     lines = ["Training runs of the models this pipeline evaluated:", ""]
     for model in models:
         run_id = run_id_of(model)
-        where = "trained here" if links[model.name] == here else f"restored from DVC's cache, trained in `{links[model.name]}`"
+        trained_in = links[model.name]
+        where = "trained here" if trained_in == here else f"restored from DVC's cache, trained in `{trained_in}`"
         lines.append(f"- **{model.name}**: [{run_id[:8]}](#/experiments/{experiment}/runs/{run_id}) ({where})")
     return "\n".join(lines)
 
@@ -616,7 +635,7 @@ def existing_experiment_id(experiment: str = EXPERIMENT) -> str | None:
     try:
         found = mlflow.get_experiment_by_name(experiment)
     except mlflow.exceptions.MlflowException as err:
-        raise AevaeError(f"cannot read MLflow store {uri}: {err}".replace("\n", " ")) from None
+        raise store_error(err, "read the MLflow store") from None
     return found.experiment_id if found else None
 
 
@@ -634,7 +653,7 @@ def model_runs(experiment: str = EXPERIMENT) -> "pd.DataFrame":
     try:
         runs = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time ASC"])
     except mlflow.exceptions.MlflowException as err:
-        raise AevaeError(f"cannot read MLflow store {tracking_uri()}: {err}".replace("\n", " ")) from None
+        raise store_error(err, "read the MLflow store") from None
     if runs.empty:
         return pd.DataFrame()
     stage = runs.get("tags.aevae_role", pd.Series("stage", index=runs.index)) != "pipeline"

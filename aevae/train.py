@@ -22,6 +22,7 @@ from aevae.files import ModelDir, atomic_path
 from aevae.images import image_grid, to_uint8
 from aevae.models import (Model, active_units, build_model, cpu_isa, load_model, pick_device, pick_precision,
                           save_model, training_params)
+from aevae.once import training_key, training_once
 from aevae.params import Params
 
 log = logging.getLogger(__name__)
@@ -230,16 +231,36 @@ def load_training_data(data_dir: Path, image_size: int) -> tuple[Tensor, Tensor,
 def train(kind: str, params: Params, data_dir: Path, out: ModelDir) -> list[dict[str, Any]]:
     """Train one model into `out` (best.pt, last.pt, history.csv, run.json) and log it to MLflow.
 
-    A restart after a crash or a kill resumes from last.pt, in the same MLflow run.
+    A restart after a crash or a kill resumes from last.pt, in the same MLflow run. A configuration that
+    another queue worker is training at this moment is not trained twice: this one waits and takes its
+    outputs (aevae.once).
     """
     out.path.mkdir(parents=True, exist_ok=True)
+    train_x, val_x, data_sha256 = load_training_data(data_dir, params.data.image_size)
+    fingerprint = {"params": training_params(kind, params), "data_sha256": data_sha256}
+    shared = tracking.project_root() / ".dvc" / "tmp" / "aevae-trained"
+    # The stage's params in dvc.yaml also list tracking.*: a different logging setting is another run.
+    tracking_params = {k: v for k, v in params.flat().items() if k.startswith("tracking.")}
+    key = training_key(kind, {**fingerprint, "tracking": tracking_params})
+    with training_once(key, out, shared) as must_train:
+        if not must_train:
+            return read_history(out.history)
+        return _train_here(kind, params, (train_x, val_x, data_sha256), fingerprint, out)
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)]
+
+
+def _train_here(kind: str, params: Params, data: tuple[Tensor, Tensor, str], fingerprint: dict[str, Any],
+           out: ModelDir) -> list[dict[str, Any]]:
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
     device = pick_device(params.train.device)
     precision = pick_precision(params.train.precision, device)
-    train_x, val_x, data_sha256 = load_training_data(data_dir, params.data.image_size)
-    logged_params = training_params(kind, params)
-    fingerprint = {"params": logged_params, "data_sha256": data_sha256}
+    train_x, val_x, data_sha256 = data
+    logged_params = fingerprint["params"]
     state = start_or_resume(kind, params, out.last, fingerprint, device)
     restore_best(state, kind, params, out)
     isa = cpu_isa() if device.type == "cpu" else torch.cuda.get_device_name(device)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,46 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+MODELS = ("ae", "ae_code", "vae")  # the order of the evaluate stage's cmd
+TINY = {"epochs": 1, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 80},
+        "vae": {"latent_dim": 16}, "eval": {"bootstrap_samples": 200}}
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def copy_project(dst: Path, overrides: dict = TINY) -> Path:
+    """The working tree's source files (tracked, or new and not ignored; no outputs) in `dst`, with
+    `overrides` applied to params.yaml: a project as a fresh clone has it, before any git or DVC command."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    skip = ("dvc.lock", "models/", "metrics/", "data/prepared", "reports/")
+    for name in filter(None, listed):
+        if name.startswith(skip) or not (REPO / name).exists():
+            continue
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dst / name)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    for key, value in overrides.items():
+        params[key] = {**params[key], **value} if isinstance(value, dict) else value
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dst
+
+
+def exp_metrics(repo: Path, env: dict[str, str]) -> dict[str, dict]:
+    """`dvc exp show --json` as {experiment name: eval.json content}."""
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    found = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                metrics = ((rev.get("data") or {}).get("metrics") or {}).get("metrics/eval.json", {})
+                if exp.get("name") and "data" in metrics:
+                    found[exp["name"]] = metrics["data"]
+    return found
 
 
 @pytest.fixture
@@ -83,9 +126,14 @@ def torchvision_alexnet_cache(offline_torch_home) -> Path:
 
 class TrackingServer:
     """A real `mlflow server` on 127.0.0.1 (sqlite backend, local artifact root) that a test can kill
-    (SIGKILL, the whole process group: uvicorn and its job workers) and start again on the same port."""
+    (SIGKILL, the whole process group: uvicorn and its job workers) and start again on the same port.
 
-    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+    With `auth`, MLflow's basic-auth app as the README's team recipe starts it: every request needs a
+    login, `admin` is created with the password `admin_password` from the environment, and every user
+    may read and log in every experiment (default_permission EDIT), deleting stays with owners."""
+
+    def __init__(self, folder: Path, env: dict[str, str], auth: bool = False) -> None:
+        import secrets
         import socket
 
         with socket.socket() as s:
@@ -93,6 +141,24 @@ class TrackingServer:
             self.port = s.getsockname()[1]
         self.folder, self.env, self.proc = folder, {**env, "https_proxy": ""}, None
         self.uri = f"http://127.0.0.1:{self.port}"
+        self.app = ["--app-name", "basic-auth"] if auth else []
+        self.admin_password = secrets.token_urlsafe(12)
+        if auth:
+            config = folder / "auth.ini"
+            config.write_text(f"[mlflow]\ndefault_permission = EDIT\ndatabase_uri = sqlite:///{folder / 'auth.db'}\n"
+                              "admin_username = admin\nauth_cache_ttl_seconds = 60\n"
+                              "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            self.env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password,
+                            MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
+
+    def create_user(self, name: str, password: str) -> None:
+        """As the README says the admin does it: MLflow's auth client, logged in as admin."""
+        import sys
+
+        code = (f"from mlflow.server import get_app_client; "
+                f"get_app_client('basic-auth', tracking_uri='{self.uri}').create_user('{name}', '{password}')")
+        run([sys.executable, "-c", code], self.folder, {**self.env, "MLFLOW_TRACKING_USERNAME": "admin",
+                                                      "MLFLOW_TRACKING_PASSWORD": self.admin_password})
 
     def start(self, timeout: float = 120) -> None:
         import subprocess
@@ -101,7 +167,8 @@ class TrackingServer:
         import urllib.request
 
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+            [str(Path(sys.executable).parent / "mlflow"), "server", *self.app,
+             "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
              "--artifacts-destination", (self.folder / "server-artifacts").as_uri(), "--workers", "1"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)

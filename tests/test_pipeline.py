@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,22 +13,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 from aevae.images import GAP, TILE_SCALE
+from tests.conftest import MODELS, copy_project, exp_metrics, run
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("ae", "ae_code", "vae")  # the order of the evaluate stage's cmd
-TINY = {"epochs": 1, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 80},
-        "vae": {"latent_dim": 16}, "eval": {"bootstrap_samples": 200}}
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +37,7 @@ def env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, env) -> Path:
     """A git + DVC copy of the working tree with tiny params, after one `dvc repro`."""
-    dst = tmp_path_factory.mktemp("repo")
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split("\0")
-    skip = ("dvc.lock", "models/", "metrics/", "data/prepared", "reports/")
-    for name in filter(None, listed):
-        if name.startswith(skip) or not (REPO / name).exists():
-            continue
-        (dst / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, dst / name)
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    for key, value in TINY.items():
-        params[key] = {**params[key], **value} if isinstance(value, dict) else value
-    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dst = copy_project(tmp_path_factory.mktemp("repo"))
     run(["git", "init", "-q"], dst, env)
     run(["git", "add", "-A"], dst, env)
     run(["git", "commit", "-qm", "tiny"], dst, env)
@@ -307,19 +285,6 @@ def test_exp_run_with_a_param_override_retrains_both_models(repo, env):
     assert set(new["tags.dvc_exp_name"]) == {"lr-test"}
     shown = run(["dvc", "exp", "show", "--json"], repo, env).stdout
     assert "lr-test" in shown
-
-
-def exp_metrics(repo: Path, env: dict[str, str]) -> dict[str, dict]:
-    """`dvc exp show --json` as {experiment name: eval.json content}."""
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
-    found = {}
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                metrics = ((rev.get("data") or {}).get("metrics") or {}).get("metrics/eval.json", {})
-                if exp.get("name") and "data" in metrics:
-                    found[exp["name"]] = metrics["data"]
-    return found
 
 
 def run_queue(repo: Path, env: dict[str, str], workers: int = 2, timeout: float = 900) -> None:

@@ -1,0 +1,137 @@
+"""A team's setup, as the README's recipe builds it: a tracking server that lets no one in unasked, and
+sweeps run on several machines gathered in one place (a bare git remote, a DVC remote, one MLflow server).
+Every part is real: `mlflow server` with its basic-auth app, git, dvc."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from tests.conftest import MODELS, REPO, TrackingServer, copy_project, exp_metrics, run
+
+USERS = {"alice": "alice-Pw-4417-x", "bob": "bob-Pw-9052-xyz", "carol": "carol-Pw-1268-x"}  # MLflow: 12+ chars
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """The venv first on PATH (stage commands call `python`), no network but the local server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", TQDM_DISABLE="1",
+               TORCH_HOME=str(tmp_path_factory.mktemp("torch_home")), https_proxy="http://127.0.0.1:9",
+               NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, env):
+    """A basic-auth MLflow server with three team members' accounts."""
+    server = TrackingServer(tmp_path_factory.mktemp("server"), env, auth=True)
+    server.start()
+    for name, password in USERS.items():
+        server.create_user(name, password)
+    yield server
+    server.kill()
+
+
+def as_user(env: dict[str, str], server: TrackingServer, name: str | None, password: str | None = None) -> dict:
+    """The environment of one team member: the server's URI and their login (none for `name` None)."""
+    env = {**env, "MLFLOW_TRACKING_URI": server.uri}
+    if name:
+        env.update(MLFLOW_TRACKING_USERNAME=name, MLFLOW_TRACKING_PASSWORD=password or USERS[name])
+    return env
+
+
+def train_stage(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The AE training stage on a tiny prepared set, as `dvc repro` runs it."""
+    params = copy_project(tmp_path / "project") / "params.yaml"
+    if not (tmp_path / "prepared").exists():
+        run([sys.executable, str(REPO / "stages/prepare.py"), "--params", str(params), "--out", "prepared"],
+            tmp_path, env)
+    return subprocess.run([sys.executable, str(REPO / "stages/train.py"), "--model", "ae", "--params", str(params),
+                           "--data", "prepared", "--out", "ae"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+
+
+def test_anonymous_clients_are_refused_and_a_wrong_password_stops_before_training(tmp_path, env, server):
+    client = mlflow.MlflowClient(server.uri)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="401"):
+        client.search_experiments()  # reading is refused as well as writing: the runs are not public
+
+    for name, password, says in [(None, None, "asks for a login: set MLFLOW_TRACKING_USERNAME and "
+                                               "MLFLOW_TRACKING_PASSWORD"),
+                                 ("alice", "not-her-password", "refused the login of 'alice'")]:
+        failed = train_stage(tmp_path, as_user(env, server, name, password))
+        assert failed.returncode == 1, failed.stderr[-2000:]
+        assert failed.stderr.strip().splitlines()[-1].startswith(f"Error: MLflow at {server.uri} {says}"), failed.stderr
+        assert "Traceback" not in failed.stderr
+        assert not (tmp_path / "ae" / "history.csv").exists(), "an epoch ran before the login was checked"
+        assert "not-her-password" not in failed.stderr
+
+    done = train_stage(tmp_path, as_user(env, server, "alice"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_USERNAME", "carol")  # another member reads it: default_permission EDIT
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", USERS["carol"])
+        experiment = client.get_experiment_by_name("aevae")
+        found = client.search_runs([experiment.experiment_id], "tags.aevae_role = 'stage'")
+    assert [(r.info.run_name, r.info.status) for r in found] == [("ae", "FINISHED")]
+    assert "val_loss" in found[0].data.metrics
+
+
+def test_sweeps_from_two_machines_meet_in_a_third_clone(tmp_path, env, server):
+    """alice and bob each clone the project, run an experiment and push it (git refs to the shared git
+    remote, outputs and run history to the shared DVC remote); bob's experiment shares alice's AE
+    configuration, so his machine restores her AEs instead of training them. carol clones, pulls both and
+    sees them in `dvc exp show`, in their outputs and, through the one MLflow server, in `aevae compare`."""
+    origin, dvc_remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
+    run(["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], tmp_path, env)
+    project = copy_project(tmp_path / "project")
+    for cmd in (["git", "init", "-q", "--initial-branch=main"],
+                ["dvc", "remote", "add", "-d", "shared", str(dvc_remote)],  # in .dvc/config, so in every clone
+                ["git", "add", "-A"], ["git", "commit", "-qm", "project"],
+                ["git", "remote", "add", "origin", str(origin)], ["git", "push", "-q", "origin", "main"]):
+        run(cmd, project, env)
+
+    experiments = {"alice": "vae.beta=2", "bob": "vae.beta=0.5"}  # the same AE and AE-128 configuration
+    outputs, logs = {}, {}
+    for name, override in experiments.items():
+        clone = tmp_path / name
+        run(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
+        member = as_user(env, server, name)
+        # --pull: a stage the team ran before (the DVC remote's run-cache) is restored from there
+        logs[name] = run(["dvc", "exp", "run", "--pull", "-n", f"{name}-exp", "-S", override], clone, member).stdout
+        run(["dvc", "exp", "push", "--run-cache", "origin", f"{name}-exp"], clone, member)
+        outputs[name] = {kind: (clone / f"models/{kind}/best.pt").read_bytes() for kind in MODELS}
+    assert "Running stage 'train_ae'" in logs["alice"]
+    for stage in ("train_ae", "train_ae_code"):
+        assert f"Stage '{stage}' is cached - skipping run" in logs["bob"], logs["bob"]
+    assert "Running stage 'train_vae'" in logs["bob"]
+    assert outputs["bob"]["ae"] == outputs["alice"]["ae"]
+
+    lead = tmp_path / "carol"
+    run(["git", "clone", "-q", str(origin), str(lead)], tmp_path, env)
+    carol = as_user(env, server, "carol")
+    run(["dvc", "exp", "pull", "origin", "alice-exp", "bob-exp"], lead, carol)
+    shown = exp_metrics(lead, carol)
+    assert set(shown) == {"alice-exp", "bob-exp"}
+    assert shown["bob-exp"]["ae"]["psnr"] == pytest.approx(shown["alice-exp"]["ae"]["psnr"], abs=1e-6)
+    for name in experiments:  # the outputs came through the DVC remote, not only the git refs
+        run(["dvc", "exp", "apply", f"{name}-exp"], lead, carol)
+        for kind in MODELS:
+            assert (lead / f"models/{kind}/best.pt").read_bytes() == outputs[name][kind], (name, kind)
+
+    run(["aevae", "compare", "--csv", str(tmp_path / "all.csv")], lead, carol)
+    table = pd.read_csv(tmp_path / "all.csv")
+    table = table[~table["pipeline"].str.startswith("unknown-")]  # the login test's training, outside DVC
+    trained = sorted(zip(table["pipeline"], table["model"]))  # each distinct training once, on one machine
+    assert trained == [("alice-exp", "ae"), ("alice-exp", "ae_code"), ("alice-exp", "vae"), ("bob-exp", "vae")]
+    for name in experiments:
+        row = table[(table["pipeline"] == f"{name}-exp") & (table["model"] == "vae")].iloc[0]
+        assert row["test_psnr"] == pytest.approx(shown[f"{name}-exp"]["vae"]["psnr"], abs=1e-5)

@@ -395,6 +395,38 @@ def sweep_section() -> str:
         "Trainings run: new MLflow training runs (the baseline's three not counted).", "", *rows, ""])
 
 
+PRECISION_HEADING = "## Precision"
+
+
+def precision_section(n: int = 1024) -> str:
+    """Our training epoch in fp32 and in bf16 autocast on this CPU, and what `train.precision: auto` picks."""
+    import torch
+
+    from aevae.models import cpu_isa, pick_precision
+
+    setup(n, 0)
+    rows = ["| model | fp32 (images/s) | bf16 (images/s) | bf16 / fp32 |", "|---|---|---|---|"]
+    for kind in ("ae", "vae"):
+        fp32, bf16 = (child("train_ours", kind, str(n), p)["images_per_s"] for p in ("fp32", "bf16"))
+        rows.append(f"| {kind.upper()} | {fp32:.1f} | {bf16:.1f} | {bf16 / fp32:.2f}x |")
+        print(f"  {rows[-1]}", flush=True)
+    return "\n".join([
+        PRECISION_HEADING, "",
+        f"Measured by `python bench/run.py --precision-only` on {time.strftime('%Y-%m-%d')}: {machine()}; "
+        f"ISA {cpu_isa()}; `train.precision: auto` picks "
+        f"{pick_precision('auto', torch.device('cpu'))} here.", "",
+        f"Our training epoch (batch 64, {n} images) in each precision, same seed and data.", "", *rows, ""])
+
+
+def replace_section(text: str, heading: str, section: str) -> str:
+    """`text` with the section under `heading` (up to the next `## `) replaced by `section`, or appended."""
+    if heading not in text:
+        return text.rstrip() + "\n\n" + section
+    before, rest = text.split(heading, 1)
+    after = rest.split("\n## ", 1)
+    return before + section + ("\n## " + after[1] if len(after) > 1 else "")
+
+
 def machine() -> str:
     import torch
 
@@ -409,7 +441,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, no full dvc repro, no results.md")
     parser.add_argument("--sweep-only", action="store_true",
-                        help="only the sweep section (about 15 minutes): replaces that section of results.md")
+                        help="only the sweep section (about 25 minutes): replaces that section of results.md")
+    parser.add_argument("--precision-only", action="store_true",
+                        help="only the fp32 / bf16 training rates of this CPU (about 2 minutes): replaces that "
+                             "section of results.md")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # dvc and the stages' `python` must be this interpreter's, also when its venv is not activated.
@@ -420,13 +455,15 @@ def main() -> None:
         return
 
     results = REPO / "bench" / "results.md"
-    if args.sweep_only:
-        section = sweep_section()
-        print("\n" + section)
-        old = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
-        results.write_text(old.split(SWEEP_HEADING)[0].rstrip() + "\n\n" + section, encoding="utf-8")
-        print(f"wrote the sweep section of {results}")
-        return
+    for only, heading, make in ((args.sweep_only, SWEEP_HEADING, sweep_section),
+                                (args.precision_only, PRECISION_HEADING, precision_section)):
+        if only:
+            section = make()
+            print("\n" + section)
+            old = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
+            results.write_text(replace_section(old, heading, section), encoding="utf-8")
+            print(f"wrote the section {heading!r} of {results}")
+            return
 
     n_train, n_eval, n_jpegs = (256, 200, 200) if args.quick else (1024, 1000, 1000)
     print(f"setting up {n_train} training images, {n_jpegs} JPEGs in {OUT} ...", flush=True)

@@ -172,15 +172,19 @@ class TrackingServer:
              "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
              "--artifacts-destination", (self.folder / "server-artifacts").as_uri(), "--workers", "1"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        # No proxy: urllib's default opener keeps the proxy settings of its first use in this process,
+        # which an earlier test may have made with a dead proxy in the environment.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.proc.communicate()[1][-2000:]
             try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                with opener.open(f"{self.uri}/health", timeout=2) as response:
                     if response.status == 200:
                         return
             except OSError:
                 time.sleep(0.5)
+        self.kill()
         raise AssertionError(f"mlflow server on {self.uri} did not answer within {timeout} s")
 
     def kill(self) -> None:

@@ -31,8 +31,9 @@ def test_two_workers_starting_one_configuration_train_it_once(tmp_path, write_pa
     assert sum("waiting for its outputs instead of training it twice" in log for log in logs) == 1, logs
     for name in ("best.pt", "run.json", "history.csv"):
         assert (tmp_path / "w1/models/ae" / name).read_bytes() == (tmp_path / "w2/models/ae" / name).read_bytes()
+    mlflow.set_tracking_uri(store)  # this test's store: an earlier in-process test may have set another
     runs = mlflow.search_runs(experiment_names=["aevae"], filter_string="tags.aevae_role = 'stage'")
-    assert len(runs) == 1 and runs["status"].tolist() == ["FINISHED"]
+    assert len(runs) == 1 and runs["status"].tolist() == ["FINISHED"], logs
 
     # A training that finds its configuration free trains, even one trained before (`dvc repro -f`).
     third = worker("w3")

@@ -3,10 +3,11 @@
 DVC's run-cache restores a training done before, but only one that had *ended* when DVC looked: two
 queue workers that start experiments sharing an untrained configuration (same `lr`, different
 `vae.beta`) both miss it and both train the same AE (measured: 9 trainings instead of 7 in bench's
-sweep with `-j 2`). Here the first worker to start a configuration holds a lock on it while it trains
-and then publishes its outputs; a worker that starts the same configuration meanwhile waits on the lock
-and copies them, byte for byte, as DVC's run-cache would have restored them. Only a worker that waited
-reuses outputs: a training that finds the configuration free always trains (`dvc repro -f` retrains).
+sweep with `-j 2`). Here the first worker to start a configuration holds a lock on it while it trains;
+a worker that starts the same configuration meanwhile waits on the lock, and the first publishes its
+outputs for it to copy, byte for byte, as DVC's run-cache would have restored them. Only a worker that
+waited reuses outputs: a training that finds the configuration free always trains (`dvc repro -f`
+retrains), and one that nobody waited for publishes nothing.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def training_once(key: str, out: ModelDir, shared: Path) -> Iterator[bool]:
         waited_since = None
     except Timeout:
         waited_since = time.time()
+        (shared / f"{key}.wanted").touch()  # so the training worker publishes its outputs when it ends
         log.info("%s: another queue worker is training this same configuration now: waiting for its outputs "
                  "instead of training it twice", out.name)
         lock.acquire()
@@ -70,7 +72,10 @@ def training_once(key: str, out: ModelDir, shared: Path) -> Iterator[bool]:
             yield False
             return
         yield True
-        _publish(key, out, shared)
+        wanted = shared / f"{key}.wanted"
+        if wanted.exists():  # a copy only when someone waits for it: checkpoints are megabytes
+            _publish(key, out, shared)
+            wanted.unlink()
     finally:
         lock.release()
 

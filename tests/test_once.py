@@ -35,9 +35,15 @@ def test_two_workers_starting_one_configuration_train_it_once(tmp_path, write_pa
     runs = mlflow.search_runs(experiment_names=["aevae"], filter_string="tags.aevae_role = 'stage'")
     assert len(runs) == 1 and runs["status"].tolist() == ["FINISHED"], logs
 
-    # A training that finds its configuration free trains, even one trained before (`dvc repro -f`).
+    published = list((tmp_path / ".dvc/tmp/aevae-trained").glob("*/done"))
+    assert len(published) == 1
+    stamp = published[0].stat().st_mtime_ns
+
+    # A training that finds its configuration free trains, even one trained before (`dvc repro -f`),
+    # and publishes nothing: no one waited for it.
     third = worker("w3")
     log = third.communicate(timeout=600)[1]
     assert third.returncode == 0 and "waiting" not in log, log
     runs = mlflow.search_runs(experiment_names=["aevae"], filter_string="tags.aevae_role = 'stage'")
     assert len(runs) == 2
+    assert published[0].stat().st_mtime_ns == stamp

@@ -49,8 +49,9 @@ def outputs(out: ModelDir) -> list[Path]:
 
 @contextmanager
 def training_once(key: str, out: ModelDir, shared: Path) -> Iterator[bool]:
-    """True: this process trains `key` into `out` (outputs are published when the block ends without an
-    error). False: another worker trained it while this one waited, and `out` now holds its outputs."""
+    """True: this process trains `key` into `out` (and, when the block ends without an error and another
+    worker waits for it, publishes the outputs in `shared`). False: another worker trained it while this
+    one waited, and `out` now holds its outputs."""
     shared.mkdir(parents=True, exist_ok=True)
     lock = FileLock(shared / f"{key}.lock")
     try:

@@ -134,13 +134,13 @@ def store_error(err: Exception, what: str) -> AevaeError:
     code = getattr(err, "error_code", "")
     if code == "UNAUTHENTICATED" and not user:
         return AevaeError(f"MLflow at {uri} asks for a login: set MLFLOW_TRACKING_USERNAME and "
-                          "MLFLOW_TRACKING_PASSWORD to your account there (README: Team scale)")
+                          "MLFLOW_TRACKING_PASSWORD to your account there (README: Team setup)")
     if code == "UNAUTHENTICATED":
         return AevaeError(f"MLflow at {uri} refused the login of '{user}' (wrong password or no such user): check "
                           "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
     if code == "PERMISSION_DENIED":
         return AevaeError(f"MLflow at {uri} does not let '{user}' {what}: ask its admin for EDIT permission on "
-                          f"experiment '{EXPERIMENT}' (README: Team scale)")
+                          f"experiment '{EXPERIMENT}' (README: Team setup)")
     return AevaeError(f"cannot {what} ({uri}): {err}".replace("\n", " "))
 
 

@@ -14,9 +14,10 @@ from aevae import AevaeError
 from aevae.data import UnusableImage, list_files, load_image
 from aevae.files import atomic_path
 from aevae.images import image_grid, save_png, to_uint8
+from aevae.figures import latent_line
+from aevae.hardware import pick_device
 from aevae.metrics import lpips_or_none, reconstruct_all, score_images
-from aevae.models import Model, load_model, model_from_weights, pick_device
-from aevae.report import latent_line
+from aevae.models import Model, load_model, model_from_weights
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,9 @@ def is_mlflow_uri(model: str | Path) -> bool:
 def load_trained(model: str | Path, device: str) -> tuple[Model, torch.device]:
     """A checkpoint file (best.pt) or a model logged to MLflow, on `device`."""
     if is_mlflow_uri(model):
-        from aevae import tracking
+        from aevae.mlflow_model import load_logged_model
 
-        built = model_from_weights(*tracking.load_logged_model(str(model)), source=str(model))
+        built = model_from_weights(*load_logged_model(str(model)), source=str(model))
     else:
         built, _ = load_model(Path(model))
     target = pick_device(device)
@@ -108,7 +109,7 @@ def sample_images(model_ref: str | Path, out: Path, *, n: int, seed: int, betwee
     model, _ = load_trained(model_ref, "cpu")
     if not model.generative:
         raise AevaeError(f"{model_ref} holds a deterministic {model.label}: it has no prior to sample from; "
-                         "use a VAE checkpoint (models/vae/best.pt)")
+                         "use a VAE checkpoint (models/vae/seed0/best.pt)")
     samples = model.eval().sample(n, torch.Generator().manual_seed(seed))
     save_png(image_grid({"z ~ N(0, I)": to_uint8(samples)}), out)
     if between:

@@ -17,7 +17,8 @@ params_option = click.option(
 # Paths have no defaults: dvc.yaml passes each stage its paths, so that they are written in one place.
 data_option = click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
                            help="Output folder of the prepare stage.")
-models_argument = click.argument("models", nargs=-1, required=True, type=click.Path(file_okay=False))
+models_option = click.option("--models", "models_dir", required=True, type=click.Path(file_okay=False),
+                             help="The trainings' folder: <models>/<configuration>/seed<seed>/.")
 
 
 def run(command: click.Command) -> None:

@@ -33,12 +33,12 @@ def _echo_table(table) -> None:
 
 
 def _runs(experiment: str, where: tuple[str, ...]):
-    from aevae import tracking
-    from aevae.sweeps import filter_params
+    from aevae.store import tracking_uri
+    from aevae.sweeps import filter_params, model_runs
 
-    runs = tracking.model_runs(experiment)
+    runs = model_runs(experiment)
     if runs.empty:
-        raise AevaeError(f"no model runs in experiment '{experiment}' of {tracking.tracking_uri()}: run dvc repro first")
+        raise AevaeError(f"no model runs in experiment '{experiment}' of {tracking_uri()}: run dvc repro first")
     runs = filter_params(runs, _parse_where(where))
     if runs.empty:
         raise AevaeError(f"no model run has {' and '.join(where)}: check the values with aevae compare")
@@ -79,8 +79,8 @@ def compare(csv_path: str | None, by_seed: bool, where: tuple[str, ...], experim
 @experiment_option
 def rate_distortion(out: str, where: tuple[str, ...], experiment: str) -> None:
     """Plot the VAE's distortion (test PSNR and per-pixel MSE) against its rate (test KL, nats per
-    image) at each vae.beta of a sweep, mean and sd over training seeds, with the AEs as reference lines.
-    Feed it with the README's beta x seed sweep."""
+    image) at each model.beta of separate experiments, mean and sd over training seeds, with the models
+    without a rate as reference lines. (One study's own betas are in its report.)"""
     import pandas as pd
 
     from aevae.sweeps import beta_steps, plot_rate_distortion
@@ -109,7 +109,7 @@ model_argument = click.argument("model", metavar="MODEL")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 def reconstruct(model: str, inputs: tuple[Path, ...], out: Path, device: str) -> None:
     """Reconstruct your own images (files or folders) with a trained MODEL: a checkpoint (e.g.
-    models/vae/best.pt) or a model logged to MLflow (e.g. runs:/<run id>/model, models:/aevae-vae/1).
+    models/vae/seed0/best.pt) or a model logged to MLflow (e.g. runs:/<run id>/model, models:/aevae-vae/1).
     Writes a PNG per image (input | reconstruction) and scores.csv with PSNR, SSIM, LPIPS and MSE per
     image. Images are center-cropped and resized to the model's size, as prepare does."""
     from aevae.apply import reconstruct_files
@@ -129,7 +129,7 @@ def reconstruct(model: str, inputs: tuple[Path, ...], out: Path, device: str) ->
 @click.option("--steps", default=8, show_default=True, type=click.IntRange(2, 64), help="Points on that line.")
 def sample(model: str, n: int, out: Path, seed: int, between: tuple[Path, Path] | None, steps: int) -> None:
     """Draw N images from a VAE's prior, z ~ N(0, I), and optionally interpolate between two images
-    through the VAE's latent space. MODEL: a checkpoint (models/vae/best.pt) or an MLflow model URI."""
+    through the VAE's latent space. MODEL: a checkpoint (models/vae/seed0/best.pt) or an MLflow model URI."""
     from aevae.apply import sample_images
 
     sample_images(model, out, n=n, seed=seed, between=between or None, steps=steps)
@@ -147,19 +147,19 @@ def ui(host: str, port: int) -> None:
     import shutil
     import sys
 
-    from aevae import tracking
+    from aevae.store import EXPERIMENT, existing_experiment_id, tracking_uri, ui_address
 
-    uri, experiment_id = tracking.tracking_uri(), tracking.existing_experiment_id()
+    uri, experiment_id = tracking_uri(), existing_experiment_id()
     if experiment_id is None:
-        raise AevaeError(f"no '{tracking.EXPERIMENT}' experiment in {uri}: run dvc repro first")
+        raise AevaeError(f"no '{EXPERIMENT}' experiment in {uri}: run dvc repro first")
     if uri.startswith(("http://", "https://")):
-        click.echo(tracking.ui_address(uri.rstrip("/"), experiment_id))
+        click.echo(ui_address(uri.rstrip("/"), experiment_id))
         return
     beside = Path(sys.executable).with_name("mlflow")  # the venv's, also when it is not activated
     mlflow = str(beside) if beside.exists() else shutil.which("mlflow")
     if mlflow is None:
         raise AevaeError("no mlflow command beside this Python or on PATH: pip install -e . in the project's venv")
-    click.echo(f"aevae runs: {tracking.ui_address(f'http://{host}:{port}', experiment_id)}", err=True)
+    click.echo(f"aevae runs: {ui_address(f'http://{host}:{port}', experiment_id)}", err=True)
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
 
 
@@ -167,13 +167,15 @@ def ui(host: str, port: int) -> None:
 def sync() -> None:
     """Send to MLflow what trainings could not log while the tracking server was unreachable (kept in
     .dvc/tmp/mlflow-pending/ of this repository), oldest first; every aevae stage also does this first."""
-    from aevae import tracking
+    from aevae.files import pending_dir
+    from aevae.outbox import deliver_pending
+    from aevae.store import tracking_uri
 
-    delivered, waiting = tracking.deliver_pending()
+    delivered, waiting = deliver_pending()
     if waiting:
-        raise AevaeError(f"{tracking.tracking_uri()} does not answer: {waiting} run(s) still wait in "
-                         f"{tracking.pending_dir()}; run aevae sync again when it does")
-    click.echo(f"{delivered} run(s) completed in {tracking.tracking_uri()}" if delivered else "nothing was waiting")
+        raise AevaeError(f"{tracking_uri()} does not answer: {waiting} run(s) still wait in {pending_dir()}; "
+                         "run aevae sync again when it does")
+    click.echo(f"{delivered} run(s) completed in {tracking_uri()}" if delivered else "nothing was waiting")
 
 
 def main() -> None:

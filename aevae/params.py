@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -41,14 +42,26 @@ class DataParams(_Section):
         return self
 
 
-class VAEParams(_Section):
-    latent_dim: int = Field(128, ge=1)
-    beta: float = Field(1.0, ge=0)
-    kl_warmup_epochs: int = Field(0, ge=0)
+class ModelEntry(BaseModel):
+    """One model configuration of the study: its kind and that kind's settings. The settings are checked
+    against the kind's own schema (aevae.models), where the kind is defined, when the model is built."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str
+
+    def settings(self) -> dict[str, object]:
+        return dict(self.model_extra or {})
+
+
+def _default_models() -> dict[str, ModelEntry]:
+    return {"ae": ModelEntry(kind="ae"), "ae_code": ModelEntry(kind="ae_code", latent_dim=128),
+            "vae": ModelEntry(kind="vae", latent_dim=128, beta=1.0, kl_warmup_epochs=0)}
 
 
 class TrainParams(_Section):
-    seed: int = 0  # what training draws: weight init, batch order, the VAE's sampling noise
+    # What training draws (weight init, batch order, the VAE's sampling noise), over the same data split:
+    # each configuration is trained once per seed, and the report's intervals cover the seeds.
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     plateau_patience: int = Field(3, ge=0)
@@ -81,22 +94,40 @@ class Params(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=2)  # BatchNorm needs at least two images per batch
     weight_decay: float = Field(1e-5, ge=0)
+    models: dict[str, ModelEntry] = Field(default_factory=_default_models, min_length=1)
     data: DataParams = DataParams()
-    vae: VAEParams = VAEParams()
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
     report: ReportParams = ReportParams()
     tracking: TrackingParams = TrackingParams()
 
+    @model_validator(mode="after")
+    def _check_study(self) -> Params:
+        for name in self.models:
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+                raise ValueError(f"models.{name}: a configuration's name is a folder and a DVC stage name: use "
+                                 "letters, digits and _ only")
+        if len(set(self.train.seeds)) != len(self.train.seeds):
+            raise ValueError(f"train.seeds lists a seed twice: {self.train.seeds}")
+        return self
+
+    def trainings(self) -> list[tuple[str, int]]:
+        """The study: every (model configuration, training seed), in the report's order."""
+        return [(config, seed) for config in self.models for seed in self.train.seeds]
+
     def flat(self) -> dict[str, object]:
-        """`section.key -> value`, the naming DVC and MLflow use."""
-        out: dict[str, object] = {}
-        for key, value in self.model_dump().items():
-            if isinstance(value, dict):
-                out.update({f"{key}.{sub}": v for sub, v in value.items()})
-            else:
-                out[key] = value
-        return out
+        """`section.key -> value`, the naming DVC and MLflow use (nested sections joined with dots)."""
+        return _flatten(self.model_dump())
+
+
+def _flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _describe(error: dict, path: Path) -> str:

@@ -1,7 +1,9 @@
-"""What a sweep of experiments says: spread over training seeds, and the VAE's rate-distortion trade-off.
+"""The read side of the MLflow store: every training run of every experiment, and what a sweep of
+separate experiments says (spread over training seeds, the VAE's rate-distortion trade-off).
 
-Both read the model runs of the MLflow store (each run carries every param its training read and the
-test metrics evaluation logged into it), so they see every experiment of every machine that logs there.
+Each training run carries every param its training read and the test metrics evaluation logged into it,
+so these see every experiment of every machine that logs there. (One study's own seeds and betas are in
+its report; these compare across experiments.)
 """
 
 from __future__ import annotations
@@ -13,25 +15,49 @@ import numpy as np
 import pandas as pd
 
 from aevae import AevaeError
+from aevae.display import METRICS, STUDY_METRICS, TRAINING_PARAMS
 from aevae.files import atomic_path
+from aevae.store import EXPERIMENT, existing_experiment_id, store_error
 
 SEED = "params.train.seed"
-BETA = "params.vae.beta"
-RATE = "metrics.test_kl_nats"  # the VAE's rate: KL of its posterior from the prior, nats per image
-SEED_METRICS = ("psnr", "ssim", "lpips", "mse")
+BETA = "params.model.beta"  # a training's configuration is logged as model.<key>
+RATE = "metrics.test_kl_nats"  # the rate of a model with an ELBO: KL of its posterior from the prior, nats per image
 # Params that say where or how fast a run went, not what it trained.
 NOT_CONFIG = {"params.train.device", "params.train.threads"}
 
 
-COMPARE_PARAMS = ("lr", "epochs", "batch_size", "train.seed", "vae.beta", "vae.latent_dim", "data.source")
+def model_runs(experiment: str = EXPERIMENT) -> pd.DataFrame:
+    """One row per training run, oldest first: ids, model (configuration) and label, its DVC experiment,
+    status, every param it logged (`params.<key>`) and every metric (`metrics.<name>`, the test_* ones
+    from evaluation)."""
+    import mlflow
+
+    if existing_experiment_id(experiment) is None:
+        return pd.DataFrame()
+    try:
+        runs = mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.start_time ASC"])
+    except mlflow.exceptions.MlflowException as err:
+        raise store_error(err, "read the MLflow store") from None
+    if runs.empty or "tags.model_config" not in runs:
+        return pd.DataFrame()
+    runs = runs[runs["tags.model_config"].notna()].reset_index(drop=True)
+    table = pd.DataFrame({
+        "run_id": runs["run_id"],
+        "model": runs["tags.model_config"],
+        "label": runs.get("tags.model_label", runs["tags.model_config"]),
+        "pipeline": runs.get("tags.pipeline"),
+        "status": runs["status"],
+        "started": runs["start_time"].dt.strftime("%Y-%m-%d %H:%M"),
+    })
+    return pd.concat([table, runs.filter(regex=r"^(params|metrics)\.")], axis=1)
 
 
 def run_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per model run: its DVC experiment, key params and test metrics."""
+    """One row per training run: its DVC experiment, key params and test metrics."""
     table = runs[["run_id", "model", "pipeline", "status", "started"]].assign(run_id=runs["run_id"].str[:8])
-    for key in COMPARE_PARAMS:
+    for key in TRAINING_PARAMS:
         table[key] = runs.get(f"params.{key}")
-    for metric in ("test_psnr", "test_ssim", "test_lpips", "best_val_loss"):
+    for metric in (*(f"test_{m}" for m in STUDY_METRICS), "best_val_loss"):
         table[metric] = _metric(runs, metric)
     return table
 
@@ -60,7 +86,7 @@ def filter_params(runs: pd.DataFrame, where: dict[str, str]) -> pd.DataFrame:
     for key, value in where.items():
         if f"params.{key}" not in runs.columns:
             raise AevaeError(f"--param {key}={value}: no run logged a param '{key}'; use a params.yaml key "
-                             "such as lr or vae.beta")
+                             "such as lr or model.beta")
         runs = runs[runs[f"params.{key}"].astype(str) == str(value)]
     return runs
 
@@ -79,7 +105,7 @@ def seed_groups(runs: pd.DataFrame) -> pd.DataFrame:
         keys = keys if isinstance(keys, tuple) else (keys,)
         row = {"model": keys[0], **{c.removeprefix("params."): k for c, k in zip(varying, keys[1:])},
                "seeds": group[SEED].nunique()}
-        for metric in SEED_METRICS:
+        for metric in METRICS:
             values = _metric(group, f"test_{metric}")
             if values.isna().all():
                 continue
@@ -96,16 +122,16 @@ def rate_distortion(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     distortion as references). Refuses runs that differ in anything but beta and the seed."""
     runs = distinct_trainings(runs)
     if runs.empty or RATE not in runs or runs[RATE].isna().all():
-        raise AevaeError("no VAE run with a test KL in the store: run a beta sweep first (README, "
+        raise AevaeError("no training run with a test KL in the store: run a beta sweep first (README, "
                          "'The beta trade-off')")
     with_rate = runs[runs[RATE].notna()]
     others = [c for c in _config_columns(with_rate) if c not in (SEED, BETA) and with_rate[c].nunique() > 1]
     if others:
         names = [c.removeprefix("params.") for c in others]
-        raise AevaeError(f"the VAE runs differ in {', '.join(names)} as well as in vae.beta: choose one "
+        raise AevaeError(f"the VAE runs differ in {', '.join(names)} as well as in model.beta: choose one "
                          f"setting with --param, e.g. --param {names[0]}={with_rate[others[0]].iloc[-1]}")
-    # The references: deterministic models trained with the VAEs' shared settings (their vae.* aside).
-    shared = [c for c in _config_columns(with_rate) if c not in (SEED, BETA) and not c.startswith("params.vae.")]
+    # The references: models without a rate trained with the VAEs' shared settings (their model.* aside).
+    shared = [c for c in _config_columns(with_rate) if c not in (SEED, BETA) and not c.startswith("params.model.")]
     same_setting = (runs[shared] == with_rate[shared].iloc[0]).all(axis=1) if shared else True
     references = runs[runs[RATE].isna() & same_setting]
 
@@ -119,6 +145,7 @@ def rate_distortion(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     vae = with_rate.assign(beta=with_rate[BETA].astype(float)).groupby("beta").apply(
         summarise, include_groups=False).reset_index().sort_values("beta")
     # What each step of beta buys: the change in PSNR per nat of KL from the next smaller beta.
+    vae["label"] = [f"beta {beta:g}" for beta in vae["beta"]]
     vae["psnr_db_per_kl_nat"] = vae["psnr"].diff() / vae["kl_nats"].diff()
     refs = references.groupby("label").apply(summarise, include_groups=False).reset_index()
     vae["seeds"], refs["seeds"] = vae["seeds"].astype(int), refs["seeds"].astype(int)
@@ -126,17 +153,19 @@ def rate_distortion(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def beta_steps(vae: pd.DataFrame) -> list[str]:
-    """One line per step between neighbouring betas: what the step costs in KL and buys in PSNR."""
+    """One line per step between neighbouring points (rows of `vae`, labelled): what the step costs in KL
+    and buys in PSNR."""
     lines = []
     for before, after in zip(vae.itertuples(), vae.iloc[1:].itertuples()):
-        lines.append(f"beta {before.beta:g} -> {after.beta:g}: KL {after.kl_nats - before.kl_nats:+.1f} nats, "
+        lines.append(f"{before.label} -> {after.label}: KL {after.kl_nats - before.kl_nats:+.1f} nats, "
                      f"PSNR {after.psnr - before.psnr:+.2f} dB ({after.psnr_db_per_kl_nat:+.4f} dB per nat of KL; "
                      f"means over {min(before.seeds, after.seeds)}+ seeds)")
     return lines
 
 
 def plot_rate_distortion(vae: pd.DataFrame, refs: pd.DataFrame, path: Path) -> None:
-    """Distortion (test PSNR, and per-pixel MSE) against rate (test KL) with the AEs as reference lines."""
+    """Distortion (test PSNR, and per-pixel MSE) against rate (test KL), one labelled point per row of
+    `vae`, with the models without a rate (`refs`) as reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,9 +176,9 @@ def plot_rate_distortion(vae: pd.DataFrame, refs: pd.DataFrame, path: Path) -> N
     for ax, metric, label in ((axes[0], "psnr", "test PSNR (dB), higher is better"),
                               (axes[1], "mse", "test MSE per pixel, lower is better")):
         ax.errorbar(vae["kl_nats"], vae[metric], xerr=vae["kl_nats_sd"].fillna(0), yerr=vae[f"{metric}_sd"].fillna(0),
-                    marker="o", capsize=3, label="VAE (one point per beta)")
+                    marker="o", capsize=3, label="models with a rate (one point each)")
         for row in vae.itertuples():
-            ax.annotate(f"beta {row.beta:g}", (row.kl_nats, getattr(row, metric)), textcoords="offset points",
+            ax.annotate(row.label, (row.kl_nats, getattr(row, metric)), textcoords="offset points",
                         xytext=(4, 4), fontsize=8)
         for ref, color in zip(refs.itertuples(), ("tab:red", "tab:green", "tab:purple")):
             ax.axhline(getattr(ref, metric), color=color, linestyle="--", label=f"{ref.label} ({ref.seeds:g} seeds)")
@@ -158,7 +187,7 @@ def plot_rate_distortion(vae: pd.DataFrame, refs: pd.DataFrame, path: Path) -> N
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("VAE rate-distortion over beta; error bars: sd over training seeds "
+    fig.suptitle("rate-distortion; error bars: sd over training seeds "
                  f"({'/'.join(map(str, seeds))} seeds per point)")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

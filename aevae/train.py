@@ -5,45 +5,38 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from aevae import AevaeError, tracking
+from aevae import AevaeError
 from aevae.cores import CoreShare
 from aevae.data import load_split, read_manifest
-from aevae.files import ModelDir, atomic_path
-from aevae.images import image_grid, to_uint8
-from aevae.models import (Model, active_units, build_model, cpu_isa, load_model, pick_device, pick_precision,
-                          save_model, training_params)
+from aevae.files import ModelDir, atomic_path, trained_dir
+from aevae.hardware import cpu_isa, pick_device, pick_precision
+from aevae.images import batches, image_grid, to_uint8, to_unit
+from aevae.models import Model, active_units, build_model, load_model, save_model
 from aevae.once import training_key, training_once
+from aevae.outbox import log_epoch, log_images, log_trained_model
 from aevae.params import Params
+from aevae.runs import Pipeline, pipeline_stage, training_run
 
 log = logging.getLogger(__name__)
 
 
-def to_tensor(images: np.ndarray) -> Tensor:
-    """(N, H, W, 3) uint8 array -> (N, 3, H, W) uint8 view, channels_last in memory: no copy made."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2)
-
-
-def batches(images: Tensor, batch_size: int, device: torch.device,
-            generator: torch.Generator | None = None) -> Iterator[Tensor]:
-    """Float batches in [0, 1]; shuffled when a generator is given."""
-    n = len(images)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for start in range(0, n, batch_size):
-        idx = order[start: start + batch_size]
-        if generator is not None and len(idx) < 2:
-            continue  # BatchNorm cannot normalise a batch of one image in training mode
-        # channels_last: oneDNN's fastest layout for these convolutions (+3-11% per step, bench/run.py)
-        yield images[idx].to(device, non_blocking=True).float().div_(255).contiguous(memory_format=torch.channels_last)
+def training_params(config: str, seed: int, params: Params) -> dict[str, object]:
+    """The params one training reads (its dvc.yaml stage lists the same), as logged to MLflow: the shared
+    ones, its own configuration as model.<key> and its seed as train.seed; not the other configurations,
+    the seed list, nor evaluation, report and tracking settings."""
+    entry = params.models[config]
+    shared = {key: value for key, value in params.flat().items()
+              if key.split(".")[0] not in ("models", "eval", "report", "tracking") and key != "train.seeds"}
+    return {**shared, "train.seed": seed, "model.kind": entry.kind,
+            **{f"model.{key}": value for key, value in entry.settings().items()}}
 
 
 def make_optimizer(model: Model, *, lr: float, weight_decay: float) -> torch.optim.Adam:
@@ -101,16 +94,17 @@ class TrainingState:
     run_id: str | None = None  # the MLflow run it logs into
 
 
-def start_or_resume(kind: str, params: Params, last: Path, fingerprint: dict, device: torch.device) -> TrainingState:
+def start_or_resume(config: str, seed: int, params: Params, last: Path, fingerprint: dict,
+                    device: torch.device) -> TrainingState:
     """A fresh, seeded state; or the one in `last` when it is an unfinished run of this very configuration
     (a crash, a kill), so that the run ends bitwise identical to an uninterrupted one."""
-    torch.manual_seed(params.train.seed)
-    model = build_model(kind, params).to(device, memory_format=torch.channels_last)
+    torch.manual_seed(seed)
+    model = build_model(config, params).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=params.train.plateau_factor, patience=params.train.plateau_patience)
-    state = TrainingState(model, optimizer, scheduler, torch.Generator().manual_seed(params.train.seed), history=[])
-    saved = _load_resumable(last, kind, fingerprint)
+    state = TrainingState(model, optimizer, scheduler, torch.Generator().manual_seed(seed), history=[])
+    saved = _load_resumable(last, model.kind, fingerprint)
     if saved is not None:
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -120,7 +114,7 @@ def start_or_resume(kind: str, params: Params, last: Path, fingerprint: dict, de
         state.history, state.best_val, state.epoch, state.run_id = (
             saved["history"], saved["best_val"], saved["epoch"], saved["run_id"])
         state.best_weights, state.best_epoch = saved.get("best_state_dict"), saved.get("best_epoch", 0)
-        log.info("%s: resuming after epoch %d from %s (MLflow run %s)", kind, state.epoch, last, state.run_id)
+        log.info("%s: resuming after epoch %d from %s (MLflow run %s)", config, state.epoch, last, state.run_id)
     return state
 
 
@@ -166,7 +160,7 @@ def save_epoch(state: TrainingState, out: ModelDir, fingerprint: dict, epochs: i
     _write_history(out.history, state.history)
     # MLflow gets the row before last.pt is replaced: a kill in between repeats this epoch's point
     # instead of losing it.
-    tracking.log_epoch(row)
+    log_epoch(row)
     save_model(out.last, state.model, epoch=state.epoch, val_loss=row["val_loss"], best_val=state.best_val,
                history=state.history, fingerprint=fingerprint, run_id=state.run_id,
                best_state_dict=state.best_weights, best_epoch=state.best_epoch,
@@ -175,13 +169,13 @@ def save_epoch(state: TrainingState, out: ModelDir, fingerprint: dict, epochs: i
                torch_rng=torch.get_rng_state())
 
 
-def restore_best(state: TrainingState, kind: str, params: Params, out: ModelDir) -> None:
+def restore_best(state: TrainingState, params: Params, out: ModelDir) -> None:
     """best.pt as it was when training stopped: DVC deletes a stage's outputs before running it again, and
     the epochs still to come may never beat the best one behind us."""
     if state.best_weights is None or out.best.exists():
         return
     with torch.random.fork_rng(devices=[]):  # building a model draws weights: leave the resumed RNG as it was
-        best = build_model(kind, params)
+        best = build_model(out.config, params)
     best.load_state_dict(state.best_weights)
     save_model(out.best, best, epoch=state.best_epoch, val_loss=state.best_val)
 
@@ -201,7 +195,7 @@ def progress_images(model: Model, fixed: Tensor, device: torch.device, seed: int
     generative model, decodings of fixed prior draws. Eval mode and a generator of its own: the training's
     batch statistics and random state are left exactly as they were (resume stays bitwise)."""
     model.eval()
-    x = fixed.to(device).float().div(255)
+    x = to_unit(fixed).to(device)
     images = {"val_reconstructions": image_grid({"validation": to_uint8(x), model.label: to_uint8(model.reconstruct(x))})}
     if model.generative:
         samples = model.sample(len(x), torch.Generator().manual_seed(seed))
@@ -217,35 +211,36 @@ def _write_history(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 def load_training_data(data_dir: Path, image_size: int) -> tuple[Tensor, Tensor, str]:
-    """Train and validation images as uint8 tensors, and the data's sha256."""
+    """Train and validation images as (N, H, W, 3) uint8 tensors (no copy), and the data's sha256."""
     manifest = read_manifest(data_dir)
     if manifest["image_size"] != image_size:
         raise AevaeError(f"{data_dir} holds {manifest['image_size']}px images but data.image_size is {image_size}; "
                          "run the prepare stage again (dvc repro)")
-    train_x, val_x = (to_tensor(load_split(data_dir, split)) for split in ("train", "val"))
+    train_x, val_x = (torch.from_numpy(load_split(data_dir, split)) for split in ("train", "val"))
     if len(train_x) < 2:
         raise AevaeError(f"{data_dir} has {len(train_x)} training image(s); training needs at least 2")
     return train_x, val_x, manifest["sha256"]
 
 
-def train(kind: str, params: Params, data_dir: Path, out: ModelDir) -> list[dict[str, Any]]:
-    """Train one model into `out` (best.pt, last.pt, history.csv, run.json) and log it to MLflow.
+def train(params: Params, data_dir: Path, out: ModelDir) -> list[dict[str, Any]]:
+    """Train the configuration `out.config` with the seed `out.seed` into `out` (best.pt, last.pt,
+    history.csv, run.json) and log it to MLflow.
 
     A restart after a crash or a kill resumes from last.pt, in the same MLflow run. A configuration that
     another queue worker is training at this moment is not trained twice: this one waits and takes its
     outputs (aevae.once).
     """
     out.path.mkdir(parents=True, exist_ok=True)
+    build_model(out.config, params)  # a bad configuration is an error before the data is read
     train_x, val_x, data_sha256 = load_training_data(data_dir, params.data.image_size)
-    fingerprint = {"params": training_params(kind, params), "data_sha256": data_sha256}
-    shared = tracking.project_root() / ".dvc" / "tmp" / "aevae-trained"
+    fingerprint = {"params": training_params(out.config, out.seed, params), "data_sha256": data_sha256}
     # The stage's params in dvc.yaml also list tracking.*: a different logging setting is another run.
     tracking_params = {k: v for k, v in params.flat().items() if k.startswith("tracking.")}
-    key = training_key(kind, {**fingerprint, "tracking": tracking_params})
-    with training_once(key, out, shared) as must_train:
+    key = training_key(out.config, {**fingerprint, "tracking": tracking_params})
+    with training_once(key, out, trained_dir()) as must_train:
         if not must_train:
             return read_history(out.history)
-        return _train_here(kind, params, (train_x, val_x, data_sha256), fingerprint, out)
+        return _train_here(params, (train_x, val_x, data_sha256), fingerprint, out)
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -253,28 +248,29 @@ def read_history(path: Path) -> list[dict[str, float]]:
         return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)]
 
 
-def _train_here(kind: str, params: Params, data: tuple[Tensor, Tensor, str], fingerprint: dict[str, Any],
-           out: ModelDir) -> list[dict[str, Any]]:
+def _train_here(params: Params, data: tuple[Tensor, Tensor, str], fingerprint: dict[str, Any],
+                out: ModelDir) -> list[dict[str, Any]]:
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
     device = pick_device(params.train.device)
     precision = pick_precision(params.train.precision, device)
     train_x, val_x, data_sha256 = data
-    logged_params = fingerprint["params"]
-    state = start_or_resume(kind, params, out.last, fingerprint, device)
-    restore_best(state, kind, params, out)
+    state = start_or_resume(out.config, out.seed, params, out.last, fingerprint, device)
+    restore_best(state, params, out)
+    name = f"{out.config}-seed{out.seed}"
     isa = cpu_isa() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    log.info("%s: %d train / %d val images of %dpx on %s (%s, %s), %d epochs", kind, len(train_x), len(val_x),
+    log.info("%s: %d train / %d val images of %dpx on %s (%s, %s), %d epochs", name, len(train_x), len(val_x),
              params.data.image_size, device, isa, precision, params.epochs)
-    pipeline = tracking.Pipeline.of(params.flat(), data_sha256)
-    tags = {**pipeline.tags, "model_label": state.model.label, "precision": precision, "device": isa}
+    pipeline = Pipeline.of(params.flat(), data_sha256)
+    tags = {**pipeline.tags, "model_config": out.config, "model_kind": state.model.kind,
+            "model_label": state.model.label, "precision": precision, "device": isa}
     every, fixed = params.tracking.images_every, val_x[: params.tracking.image_count]
     all_threads = torch.get_num_threads()
-    with CoreShare() as cores, tracking.pipeline_stage(pipeline) as parent, tracking.training_run(
-            kind, logged_params, tags, run_id=state.run_id, run_file=out.run_file, parent_id=parent,
+    with CoreShare() as cores, pipeline_stage(pipeline) as parent, training_run(
+            name, fingerprint["params"], tags, run_id=state.run_id, run_file=out.run_file, parent_id=parent,
             system_metrics=params.tracking.system_metrics) as run_id:
         state.run_id = run_id
-        epochs = tqdm(range(state.epoch + 1, params.epochs + 1), desc=f"train {kind}", unit="epoch",
+        epochs = tqdm(range(state.epoch + 1, params.epochs + 1), desc=f"train {name}", unit="epoch",
                       initial=state.epoch, total=params.epochs)
         for _ in epochs:
             if not params.train.threads:
@@ -283,14 +279,14 @@ def _train_here(kind: str, params: Params, data: tuple[Tensor, Tensor, str], fin
                 row = train_one_epoch(state, train_x, val_x, params, device, precision)
             except FloatingPointError as err:
                 last_good = f"{out.last} (epoch {state.epoch})" if state.epoch else "none"
-                raise AevaeError(f"{kind} training diverged in epoch {state.epoch + 1}: {err} at lr "
+                raise AevaeError(f"{name} training diverged in epoch {state.epoch + 1}: {err} at lr "
                                  f"{state.optimizer.param_groups[0]['lr']:g}; last good checkpoint: {last_good}; "
                                  "lower lr and run again") from None
             save_epoch(state, out, fingerprint, params.epochs)
             if every and (state.epoch % every == 0 or state.epoch == params.epochs):
-                tracking.log_images(progress_images(state.model, fixed, device, params.train.seed), step=state.epoch)
+                log_images(progress_images(state.model, fixed, device, out.seed), step=state.epoch)
             epochs.set_postfix(train=f"{row['train_loss']:.4g}", val=f"{row['val_loss']:.4g}")
-            log.info("%s epoch %d/%d  %s", kind, state.epoch, params.epochs,
+            log.info("%s epoch %d/%d  %s", name, state.epoch, params.epochs,
                      "  ".join(f"{k}={v:.5g}" for k, v in row.items() if k != "epoch"))
-        tracking.log_trained_model(out, state.best_val, load_model(out.best)[0])
+        log_trained_model(out, state.best_val, load_model(out.best)[0])
     return state.history

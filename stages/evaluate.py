@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: each model's best.pt + the test split -> metrics/."""
+"""DVC stage `evaluate`: every training's best.pt + the test split -> metrics/."""
 
 import sys
 from pathlib import Path
@@ -12,8 +12,8 @@ import logging  # noqa: E402
 
 import click  # noqa: E402
 
-from aevae.cli import data_option, models_argument, params_option, run  # noqa: E402
-from aevae.files import MetricsDir, ModelDir  # noqa: E402
+from aevae.cli import data_option, models_option, params_option, run  # noqa: E402
+from aevae.files import MetricsDir  # noqa: E402
 from aevae.metrics import evaluate  # noqa: E402
 from aevae.params import load_params  # noqa: E402
 
@@ -23,14 +23,14 @@ log = logging.getLogger("evaluate")
 @click.command()
 @params_option
 @data_option
+@models_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the metric files.")
-@models_argument
-def main(params_file: str, data_dir: str, out: str, models: tuple[str, ...]) -> None:
-    """Reconstruct the test split with the best checkpoint in each MODELS folder and score every image
-    with PSNR, SSIM and LPIPS; write eval.json, per_image.csv, summary.csv and the reconstructions, and
-    log them to the models' MLflow runs."""
-    params = load_params(params_file)
-    result = evaluate(params, Path(data_dir), [ModelDir(Path(m)) for m in models], MetricsDir(Path(out)))
+def main(params_file: str, data_dir: str, models_dir: str, out: str) -> None:
+    """Reconstruct the test split with the best checkpoint of every training of the study (each
+    configuration under models: in params.yaml, each seed in train.seeds) and score every image with PSNR,
+    SSIM, LPIPS and MSE; write eval.json, per_image.csv, per_seed.csv, summary.csv and the reconstructions,
+    and log them to MLflow."""
+    result = evaluate(load_params(params_file), Path(data_dir), Path(models_dir), MetricsDir(Path(out)))
     log.info("test metrics: %s", json.dumps(result))
 
 

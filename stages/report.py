@@ -11,12 +11,13 @@ import logging  # noqa: E402
 
 import click  # noqa: E402
 
-from aevae import tracking  # noqa: E402
-from aevae.cli import data_option, models_argument, params_option, run  # noqa: E402
+from aevae.cli import data_option, models_option, params_option, run  # noqa: E402
 from aevae.data import read_manifest  # noqa: E402
-from aevae.files import MetricsDir, ModelDir  # noqa: E402
+from aevae.eval_log import log_report  # noqa: E402
+from aevae.files import MetricsDir  # noqa: E402
 from aevae.params import load_params  # noqa: E402
 from aevae.report import build_report  # noqa: E402
+from aevae.runs import Pipeline  # noqa: E402
 
 log = logging.getLogger("report")
 
@@ -24,18 +25,17 @@ log = logging.getLogger("report")
 @click.command()
 @params_option
 @data_option
+@models_option
 @click.option("--metrics", "metrics_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder of the evaluate stage.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the report.")
-@models_argument
-def main(params_file: str, data_dir: str, metrics_dir: str, out: str, models: tuple[str, ...]) -> None:
-    """Draw the comparison grid, loss curves, samples and worst cases of the models in MODELS folders,
-    write the metric table and report.md / report.html, and log them to MLflow as a `report` run under the
+def main(params_file: str, data_dir: str, models_dir: str, metrics_dir: str, out: str) -> None:
+    """Draw the comparison grid, loss curves, samples and worst cases of the study's models, write the
+    metric tables and report.md / report.html, and log them to MLflow as a `report` run under the
     pipeline's parent run."""
     params = load_params(params_file)
-    model_dirs = [ModelDir(Path(m)) for m in models]
-    files = build_report(params, Path(data_dir), model_dirs, MetricsDir(Path(metrics_dir)), Path(out))
-    tracking.log_report(files, tracking.Pipeline.of(params.flat(), read_manifest(Path(data_dir))["sha256"]))
+    files = build_report(params, Path(data_dir), Path(models_dir), MetricsDir(Path(metrics_dir)), Path(out))
+    log_report(files, Pipeline.of(params.flat(), read_manifest(Path(data_dir))["sha256"]))
     log.info("wrote %s: %s", out, ", ".join(p.name for p in files))
 
 

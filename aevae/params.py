@@ -130,8 +130,15 @@ def _flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
     return out
 
 
+# Keys of earlier versions, and where they went.
+MOVED = {"vae": "the VAE's settings moved under models: (models.vae.beta, models.vae.latent_dim)",
+         "train.seed": "train.seed became train.seeds, a list (train.seeds: [0])"}
+
+
 def _describe(error: dict, path: Path) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden" and key.split(".")[0] in MOVED or key in MOVED:
+        return f"{path}: unknown key '{key}': {MOVED.get(key) or MOVED[key.split('.')[0]]}"
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key '{key}' (a typo?); see the keys documented in params.yaml"
     if error["type"] == "value_error":  # our own cross-field checks: the message names keys and values

@@ -1,7 +1,7 @@
 """Benchmark aevae against the plain PyTorch loop of the study's notebook, on this machine, in one run.
 
-    python bench/run.py            # about 15 minutes on a 2-core CPU; writes bench/results.md
-    python bench/run.py --quick    # a smaller smoke run, results not written
+    python bench/run.py            # about 35 minutes on a 2-core CPU, most of it the sweep; writes bench/results.md
+    python bench/run.py --quick    # a smaller smoke run without dvc repro and sweep, results not written
 
 Every figure is measured here, now; each measurement runs in its own process so that its peak memory
 (max RSS) is its own. Ratios are ours / baseline, so above 1 means faster.
@@ -10,18 +10,16 @@ Every figure is measured here, now; each measurement runs in its own process so 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "bench" / "out"
-
+from common import OUT, REPO, answer_child, copy_repo, machine, replace_section
+from common import child as run_child
+from sweep import SWEEP_HEADING, sweep_section
 
 # --------------------------------------------------------------------------- measurements (child side)
 
@@ -32,8 +30,19 @@ def _train_images(n: int):
     return load_split(OUT / "prepared", "train")[:n]
 
 
-def _model_and_optimizer(kind: str):
-    """A model as the training stage builds it (default params), channels_last, with its Adam."""
+def configurations() -> dict[str, str]:
+    """The default study's model configurations (aevae.params.Params().models), name -> the model's label:
+    what the training rows measure, every kind the study trains (aevae.models.MODELS) included."""
+    from aevae.models import build_model
+    from aevae.params import Params
+
+    params = Params()
+    return {name: build_model(name, params).label for name in params.models}
+
+
+def _model_and_optimizer(config: str):
+    """The model configuration `config` as the training stage builds it (default params), channels_last,
+    with its Adam."""
     import torch
 
     from aevae.models import build_model
@@ -42,18 +51,18 @@ def _model_and_optimizer(kind: str):
 
     params = Params()
     torch.manual_seed(0)
-    model = build_model(kind, params).to(memory_format=torch.channels_last)
+    model = build_model(config, params).to(memory_format=torch.channels_last)
     return model, make_optimizer(model, lr=params.lr, weight_decay=params.weight_decay)
 
 
-def measure_train_ours(kind: str, n: int, precision: str = "fp32") -> dict:
+def measure_train_ours(config: str, n: int, precision: str = "fp32") -> dict:
     """aevae's training epoch: uint8 tensors in memory, channels_last batches."""
     import torch
 
-    from aevae.train import run_epoch, to_tensor
+    from aevae.train import run_epoch
 
-    images = to_tensor(_train_images(n))
-    model, optimizer = _model_and_optimizer(kind)
+    images = torch.from_numpy(_train_images(n))
+    model, optimizer = _model_and_optimizer(config)
     generator = torch.Generator().manual_seed(0)
     step = {"batch_size": 64, "device": torch.device("cpu"), "precision": precision, "optimizer": optimizer,
             "generator": generator}
@@ -63,18 +72,18 @@ def measure_train_ours(kind: str, n: int, precision: str = "fp32") -> dict:
     return {"images_per_s": len(images) / (time.perf_counter() - start)}
 
 
-def measure_train_ceiling(kind: str, n: int) -> dict:
+def measure_train_ceiling(config: str, n: int) -> dict:
     """The same step on one batch that never leaves memory: the model's compute alone, no data handling.
 
     No data pipeline can beat this rate, so ceiling / baseline bounds what any loader can gain here.
     """
     import torch
 
-    from aevae.train import batches, to_tensor
+    from aevae.images import batches
 
-    model, optimizer = _model_and_optimizer(kind)
+    model, optimizer = _model_and_optimizer(config)
     model.train()
-    x = next(batches(to_tensor(_train_images(64)), 64, torch.device("cpu")))
+    x = next(batches(_train_images(64), 64, torch.device("cpu")))
 
     def step() -> None:
         loss = model.loss(x, epoch=1).value
@@ -90,16 +99,16 @@ def measure_train_ceiling(kind: str, n: int) -> dict:
     return {"images_per_s": steps * 64 / (time.perf_counter() - start)}
 
 
-def measure_precision_quality(precision: str, n: int, epochs: int) -> dict:
-    """Train the AE from the same seed in `precision`, then score the test split in fp32."""
+def measure_precision_quality(config: str, precision: str, n: int, epochs: int) -> dict:
+    """Train `config` from the same seed in `precision`, then score the test split in fp32."""
     import torch
 
     from aevae.data import load_split
     from aevae.metrics import reconstruct_all, score_images
-    from aevae.train import run_epoch, to_tensor
+    from aevae.train import run_epoch
 
-    images = to_tensor(_train_images(n))
-    model, optimizer = _model_and_optimizer("ae")
+    images = torch.from_numpy(_train_images(n))
+    model, optimizer = _model_and_optimizer(config)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for _ in range(epochs):
@@ -107,12 +116,13 @@ def measure_precision_quality(precision: str, n: int, epochs: int) -> dict:
                   optimizer=optimizer, generator=generator)
     seconds = time.perf_counter() - start
     test = load_split(OUT / "prepared", "test")
-    scores = score_images(reconstruct_all(model, test, 100, torch.device("cpu")), test, 100, None, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    scores = score_images(reconstruct_all(model, test, 100, cpu), test, 100, None, cpu)
     return {"images_per_s": n * epochs / seconds, "psnr": float(scores.psnr.mean()),
             "ssim": float(scores.ssim.mean()), "test_images": len(test)}
 
 
-def measure_train_baseline(kind: str, n: int) -> dict:
+def measure_train_baseline(config: str, n: int) -> dict:
     """The notebook's loop: ImageFolder decoding PNGs every epoch, DataLoader, the same model and Adam."""
     import torch
     import torchvision
@@ -123,7 +133,7 @@ def measure_train_baseline(kind: str, n: int) -> dict:
 
     dataset = torchvision.datasets.ImageFolder(str(OUT / "folder"), transform=torchvision.transforms.ToTensor())
     torch.manual_seed(0)
-    model = build_model(kind, Params())
+    model = build_model(config, Params())
     optimizer = torch.optim.Adam(model.parameters(), lr=0.002, weight_decay=1e-5)
 
     def epoch(data) -> None:
@@ -238,16 +248,8 @@ def measure_import_time() -> dict:
 
 
 def child(name: str, *args: str) -> dict:
-    """Run one measurement in a fresh process; return its result and its peak RSS."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", name, *args], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"benchmark step {name} failed (status {status})")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_mib"] = usage.ru_maxrss / 1024
-    return result
+    """Run the measurement `measure_<name>` in a fresh process: its result and its peak RSS (common.child)."""
+    return run_child(Path(__file__), name, *args)
 
 
 def setup(n_train: int, n_jpegs: int) -> None:
@@ -276,11 +278,7 @@ def setup(n_train: int, n_jpegs: int) -> None:
 def full_repro() -> dict:
     """The default `dvc repro` in a fresh copy of the repository (the main command's work)."""
     repo = OUT / "repo"
-    shutil.rmtree(repo, ignore_errors=True)
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, repo / name)
+    copy_repo(repo)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     start = time.perf_counter()
@@ -292,109 +290,6 @@ def full_repro() -> dict:
     return {"seconds": time.perf_counter() - start, "peak_mib": usage.ru_maxrss / 1024}
 
 
-SWEEP = ["-S", "lr=0.002,0.004", "-S", "vae.beta=0.5,1,2"]  # six experiments: three betas share each lr
-SWEEP_PARAMS = {"epochs": 2, "data": {"builtin_size": 1000}}
-
-
-def _copy_repo(dst: Path) -> None:
-    shutil.rmtree(dst, ignore_errors=True)
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        (dst / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, dst / name)
-
-
-def _sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed in {cwd}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return result.stdout
-
-
-def sweep(variant: str, workers: int) -> dict:
-    """The fixed small sweep, queued in a fresh copy of the repository with its own DVC cache and MLflow
-    store, run by `dvc queue start -j workers`; wall time from queue start to the last experiment's end.
-
-    variant "before": what the pipeline did before issue 14, rebuilt in the copy: training outputs with
-    `persist: true` (which turns DVC's run-cache off), every worker running torch's default thread
-    count, and no waiting for a worker that trains the same configuration. "after": the pipeline as it is."""
-    import torch
-    import yaml
-
-    repo = OUT / f"sweep-{variant}-j{workers}"
-    _copy_repo(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["epochs"] = SWEEP_PARAMS["epochs"]
-    params["data"].update(SWEEP_PARAMS["data"])
-    # Both variants in fp32: this row measures the run-cache and the core sharing, not the precision.
-    params["train"]["precision"] = "fp32"
-    if variant == "before":
-        params["train"]["threads"] = torch.get_num_threads()
-        stages = (repo / "dvc.yaml").read_text()
-        for kind in ("ae", "ae_code", "vae"):
-            stages = stages.replace(f"      - models/{kind}/best.pt\n      - models/{kind}/run.json\n    plots:",
-                                    f"      - models/{kind}/best.pt:\n          persist: true\n"
-                                    f"      - models/{kind}/run.json:\n          persist: true\n    plots:")
-        (repo / "dvc.yaml").write_text(stages)
-        once = repo / "aevae" / "once.py"  # and every worker trains what it was given, as before aevae.once
-        once.write_text(once.read_text() + "\n\n@contextmanager\ndef training_once(key, out, shared):\n    yield True\n")
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "TQDM_DISABLE": "1", "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@b",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@b"}
-    env = {k: v for k, v in env.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "base"], ["dvc", "repro"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"], ["dvc", "exp", "run", "--queue", *SWEEP]):
-        _sh(cmd, repo, env)
-    start = time.perf_counter()
-    _sh(["dvc", "queue", "start", "-j", str(workers)], repo, env)
-    while True:
-        status = _sh(["dvc", "queue", "status"], repo, env)
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(2)
-    seconds = time.perf_counter() - start
-    if "Failed" in status:
-        raise SystemExit(f"an experiment of the {variant} -j {workers} sweep failed:\n{status}")
-    count = ("import mlflow, sys; r = mlflow.search_runs(experiment_names=['aevae']); "
-             "r = r[r['tags.aevae_role'] == 'stage']; print(r['tags.mlflow.runName'].isin(['ae', 'ae_code', 'vae']).sum())")
-    trainings = int(_sh([sys.executable, "-c", count], repo, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}))
-    experiments = status.count("Success")
-    shutil.rmtree(repo, ignore_errors=True)
-    return {"seconds": seconds, "trainings": trainings - 3, "experiments": experiments}  # minus the baseline's three
-
-
-def sweep_rows() -> list[str]:
-    results = {(v, j): sweep(v, j) for v in ("before", "after") for j in (1, 2)}
-    for key, r in results.items():
-        print(f"  sweep {key}: {r}", flush=True)
-    base = results[("before", 1)]["seconds"]
-    rows = ["| sweep (6 experiments) | wall time | vs before, -j 1 | vs -j 1 of the same code | trainings run |",
-            "|---|---|---|---|---|"]
-    for (variant, workers), r in results.items():
-        same_j1 = results[(variant, 1)]["seconds"]
-        rows.append(f"| {variant}, `dvc queue start -j {workers}` | {r['seconds']:.0f} s | {base / r['seconds']:.2f}x "
-                    f"| {same_j1 / r['seconds']:.2f}x | {r['trainings']} ({r['experiments']} experiments) |")
-    return rows
-
-
-SWEEP_HEADING = "## Sweeps"
-
-
-def sweep_section() -> str:
-    rows = sweep_rows()
-    return "\n".join([
-        SWEEP_HEADING, "",
-        f"Measured by `python bench/run.py` on {time.strftime('%Y-%m-%d')}: {machine()}.", "",
-        f"The same six queued experiments (`dvc exp run --queue {' '.join(SWEEP)}`, epochs "
-        f"{SWEEP_PARAMS['epochs']}, {SWEEP_PARAMS['data']['builtin_size']} built-in crops) after a baseline "
-        "`dvc repro`, each time in a fresh copy of the repository (its own DVC cache and MLflow store); wall "
-        "time from `dvc queue start` until the last experiment ended. *before*: training outputs with "
-        "`persist: true` (DVC's run-cache off), every worker on torch's default thread count and no waiting for "
-        "a worker that trains the same configuration, as the pipeline was; *after*: the pipeline as it is "
-        "(run-cache on, `train.threads: 0` shares the cores, `aevae.once`). Both in fp32. "
-        "Trainings run: new MLflow training runs (the baseline's three not counted).", "", *rows, ""])
-
-
 PRECISION_HEADING = "## Precision"
 
 
@@ -402,39 +297,19 @@ def precision_section(n: int = 1024) -> str:
     """Our training epoch in fp32 and in bf16 autocast on this CPU, and what `train.precision: auto` picks."""
     import torch
 
-    from aevae.models import cpu_isa, pick_precision
+    from aevae.hardware import pick_precision
 
     setup(n, 0)
     rows = ["| model | fp32 (images/s) | bf16 (images/s) | bf16 / fp32 |", "|---|---|---|---|"]
-    for kind in ("ae", "vae"):
-        fp32, bf16 = (child("train_ours", kind, str(n), p)["images_per_s"] for p in ("fp32", "bf16"))
-        rows.append(f"| {kind.upper()} | {fp32:.1f} | {bf16:.1f} | {bf16 / fp32:.2f}x |")
+    for config, label in configurations().items():
+        fp32, bf16 = (child("train_ours", config, str(n), p)["images_per_s"] for p in ("fp32", "bf16"))
+        rows.append(f"| {label} | {fp32:.1f} | {bf16:.1f} | {bf16 / fp32:.2f}x |")
         print(f"  {rows[-1]}", flush=True)
     return "\n".join([
         PRECISION_HEADING, "",
         f"Measured by `python bench/run.py --precision-only` on {time.strftime('%Y-%m-%d')}: {machine()}; "
-        f"ISA {cpu_isa()}; `train.precision: auto` picks "
-        f"{pick_precision('auto', torch.device('cpu'))} here.", "",
+        f"`train.precision: auto` picks {pick_precision('auto', torch.device('cpu'))} here.", "",
         f"Our training epoch (batch 64, {n} images) in each precision, same seed and data.", "", *rows, ""])
-
-
-def replace_section(text: str, heading: str, section: str) -> str:
-    """`text` with the section under `heading` (up to the next `## `) replaced by `section`, or appended."""
-    if heading not in text:
-        return text.rstrip() + "\n\n" + section
-    before, rest = text.split(heading, 1)
-    after = rest.split("\n## ", 1)
-    return before + section + ("\n## " + after[1] if len(after) > 1 else "")
-
-
-def machine() -> str:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return (f"{cpu}, {os.cpu_count()} cores, vector ISA {torch.backends.cpu.get_cpu_capability()}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, {platform.system()}")
 
 
 def main() -> None:
@@ -450,8 +325,7 @@ def main() -> None:
     # dvc and the stages' `python` must be this interpreter's, also when its venv is not activated.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     if args.child:
-        name, *rest = args.child
-        print(json.dumps(globals()[f"measure_{name}"](*[int(a) if a.isdigit() else a for a in rest])))
+        answer_child(globals(), "measure_", args.child)
         return
 
     results = REPO / "bench" / "results.md"
@@ -470,22 +344,25 @@ def main() -> None:
     setup(n_train, n_jpegs)
     rows = []
 
-    def compare(what: str, ours: dict, base: dict, unit: str = "images/s") -> None:
+    def compare(what: str, ours: dict, base: dict) -> None:
         rows.append((what, f"{ours['images_per_s']:.1f}", f"{base['images_per_s']:.1f}",
                      f"{ours['images_per_s'] / base['images_per_s']:.2f}x",
                      f"{ours['peak_mib']:.0f} / {base['peak_mib']:.0f}", ours.get("note", "")))
         print(f"  {rows[-1]}", flush=True)
 
-    for kind in ("ae", "vae"):
-        compare(f"train {kind.upper()} (fp32, batch 64, {n_train} images)", child("train_ours", kind, str(n_train)),
-                child("train_baseline", kind, str(n_train)))
-    ceilings = {kind: child("train_ceiling", kind, str(n_train)) for kind in ("ae", "vae")}
-    baselines = {kind: float(rows[i][2]) for i, kind in enumerate(("ae", "vae"))}
+    configs = configurations()
+    baselines = {}
+    for config, label in configs.items():
+        ours = child("train_ours", config, str(n_train))
+        baselines[config] = child("train_baseline", config, str(n_train))
+        compare(f"train {label} (fp32, batch 64, {n_train} images)", ours, baselines[config])
+    ceilings = {config: child("train_ceiling", config, str(n_train)) for config in configs}
     # bf16 is slow on CPUs without native bf16 instructions, so its run is short: same seed, same
     # images, same epochs in both precisions, then the test split scored in fp32.
     n_q, epochs_q = (64, 1) if args.quick else (256, 2)
-    fp32, bf16 = (child("precision_quality", p, str(n_q), str(epochs_q)) for p in ("fp32", "bf16"))
-    compare(f"train AE, train.precision bf16 vs fp32, ours ({n_q} images x {epochs_q} epochs)", bf16, fp32)
+    quality, quality_label = next(iter(configs.items()))  # the study's first configuration, its AE
+    fp32, bf16 = (child("precision_quality", quality, p, str(n_q), str(epochs_q)) for p in ("fp32", "bf16"))
+    compare(f"train {quality_label}, train.precision bf16 vs fp32, ours ({n_q} images x {epochs_q} epochs)", bf16, fp32)
     compare(f"evaluate PSNR+SSIM+LPIPS ({n_eval} images)", child("eval_ours", str(n_eval)),
             child("eval_baseline", str(n_eval)))
     compare(f"prepare {n_jpegs} JPEGs 640x480 -> 64x64", child("prepare_ours", str(n_jpegs)),
@@ -493,11 +370,12 @@ def main() -> None:
     table = ["| what | ours (images/s) | baseline (images/s) | ours / baseline | peak MiB ours / baseline | note |",
              "|---|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows]
     timings = [
-        *(f"- compute ceiling, train {kind.upper()}: the same step on one resident batch runs "
-          f"{c['images_per_s']:.1f} images/s, {c['images_per_s'] / baselines[kind]:.2f}x the baseline: the most "
-          "any data pipeline can gain over it on this machine" for kind, c in ceilings.items()),
-        f"- bf16 quality: AE after {epochs_q} epochs on {n_q} images, test split ({fp32['test_images']} images): "
-        f"PSNR {fp32['psnr']:.2f} fp32 / {bf16['psnr']:.2f} bf16, SSIM {fp32['ssim']:.4f} / {bf16['ssim']:.4f}",
+        *(f"- compute ceiling, train {configs[config]}: the same step on one resident batch runs "
+          f"{c['images_per_s']:.1f} images/s, {c['images_per_s'] / baselines[config]['images_per_s']:.2f}x the "
+          "baseline: the most any data pipeline can gain over it on this machine" for config, c in ceilings.items()),
+        f"- bf16 quality: {quality_label} after {epochs_q} epochs on {n_q} images, test split "
+        f"({fp32['test_images']} images): PSNR {fp32['psnr']:.2f} fp32 / {bf16['psnr']:.2f} bf16, "
+        f"SSIM {fp32['ssim']:.4f} / {bf16['ssim']:.4f}",
         f"- stage import + `--help` (`stages/train.py`): {child('import_time')['seconds']:.2f} s"]
     if not args.quick:
         print("running the default dvc repro in a copy (about 5 minutes) ...", flush=True)
@@ -505,7 +383,8 @@ def main() -> None:
         noop = child("noop_repro")
         timings += [f"- default `dvc repro` from scratch: {full['seconds']:.0f} s "
                     f"(peak {full['peak_mib']:.0f} MiB, heaviest process)",
-                    f"- no-op `dvc repro` (everything cached): {noop['seconds']:.2f} s (peak {noop['peak_mib']:.0f} MiB)"]
+                    f"- no-op `dvc repro` (everything cached): {noop['seconds']:.2f} s "
+                    f"(peak {noop['peak_mib']:.0f} MiB)"]
     report = "\n".join([
         "# Benchmark results", "",
         f"Measured by `python bench/run.py` on {time.strftime('%Y-%m-%d')}: {machine()}.", "",
@@ -513,7 +392,7 @@ def main() -> None:
         "decoding PNG files every epoch through a DataLoader; evaluation one image at a time; preparation "
         "with a plain PIL loop into memory.", "", *table, "", *timings, ""])
     if not args.quick:
-        print("running the sweep four times (about 15 minutes) ...", flush=True)
+        print("running the sweep four times (about 25 minutes) ...", flush=True)
         report += "\n" + sweep_section()
     print("\n" + report)
     if not args.quick:

@@ -9,16 +9,17 @@ that process's peak RSS, so the numbers are the steps' own.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "bench" / "out" / "scale"
+from common import OUT as BENCH_OUT
+from common import REPO, answer_child, child, machine
+
+OUT = BENCH_OUT / "scale"
+MODEL = "vae"  # the default study's VAE configuration (aevae.params.Params().models), the largest model
+STEPS = 5
 
 
 def _write_jpegs(args: tuple[int, int]) -> None:
@@ -58,58 +59,49 @@ def step_load_and_train() -> dict:
     import torch
 
     from aevae.data import load_split
+    from aevae.images import batches
     from aevae.models import build_model
     from aevae.params import Params
-    from aevae.train import batches, make_optimizer, to_tensor
+    from aevae.train import make_optimizer
 
     start = time.perf_counter()
-    train_x, val_x = (to_tensor(load_split(OUT / "prepared", s)) for s in ("train", "val"))
+    # As aevae.train.load_training_data holds them: (N, H, W, 3) uint8 tensors over the loaded arrays.
+    train_x, val_x = (torch.from_numpy(load_split(OUT / "prepared", s)) for s in ("train", "val"))
     loaded = time.perf_counter() - start
     params = Params()
-    model = build_model("vae", params).to(memory_format=torch.channels_last)
+    model = build_model(MODEL, params).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, lr=params.lr, weight_decay=params.weight_decay)
     for step, x in enumerate(batches(train_x, params.batch_size, torch.device("cpu"), torch.Generator())):
         loss = model.loss(x, epoch=1).value
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step == 4:
+        if step == STEPS - 1:
             break
     array_mib = (train_x.numel() + val_x.numel()) / 2**20
-    return {"load_seconds": loaded, "arrays_mib": array_mib}
-
-
-def child(name: str) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", name], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"scale step {name} failed (status {status})")
-    return {**json.loads(out.strip().splitlines()[-1]), "peak_mib": usage.ru_maxrss / 1024}
+    return {"load_seconds": loaded, "arrays_mib": array_mib, "model": model.label}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200_000)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(globals()[f"step_{args.child}"]()))
+        answer_child(globals(), "step_", args.child)
         return
     start = time.perf_counter()
     generate(args.images)
     print(f"{args.images} JPEGs ready in {time.perf_counter() - start:.0f} s", flush=True)
-    prep = child("prepare")
+    prep = child(Path(__file__), "prepare")
     lines = [f"- prepare: {prep['seconds']:.0f} s ({args.images / prep['seconds']:.0f} images/s), counts "
              f"{prep['counts']}, {prep['skipped']} skipped, peak {prep['peak_mib']:.0f} MiB"]
     print(lines[-1], flush=True)
-    train = child("load_and_train")
+    train = child(Path(__file__), "load_and_train")
     lines.append(f"- training stage: {train['arrays_mib']:.0f} MiB of uint8 train+val arrays loaded in "
-                 f"{train['load_seconds']:.1f} s; peak {train['peak_mib']:.0f} MiB including 5 VAE training steps")
+                 f"{train['load_seconds']:.1f} s; peak {train['peak_mib']:.0f} MiB including {STEPS} "
+                 f"{train['model']} training steps")
     print(lines[-1], flush=True)
-    from run import machine  # bench/run.py, beside this script
-
     report = "\n".join(["# Scale check", "", f"Measured by `python bench/scale.py --images {args.images}` on "
                         f"{time.strftime('%Y-%m-%d')}: {machine()}.", "",
                         f"{args.images} JPEGs of 96x80 in folders of 10,000, prepared to 64x64 and loaded for "

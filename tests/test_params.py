@@ -17,7 +17,8 @@ def test_repository_params_load_and_match_the_documented_defaults():
 def test_flat_names_match_dvc_keys():
     flat = Params().flat()
     assert flat["lr"] == 0.002
-    assert flat["vae.beta"] == 1.0
+    assert flat["models.vae.beta"] == 1.0 and flat["models.ae.kind"] == "ae"
+    assert flat["train.seeds"] == [0]
     assert "data.source" in flat
 
 
@@ -25,7 +26,12 @@ def test_flat_names_match_dvc_keys():
     ("overrides", "message"),
     [
         ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),
-        ({"vae": {"betta": 1.0}}, "unknown key 'vae.betta'"),
+        ({"data": {"sorce": "web"}}, "unknown key 'data.sorce'"),
+        ({"vae": {"beta": 1.0}}, "unknown key 'vae': the VAE's settings moved under models:"),
+        ({"train": {"seed": 1}}, "unknown key 'train.seed': train.seed became train.seeds"),
+        ({"train": {"seeds": [0, 0]}}, "train.seeds lists a seed twice"),
+        ({"train": {"seeds": []}}, "train.seeds"),
+        ({"models": {"my vae": {"kind": "vae"}}}, "models.my vae: a configuration's name is a folder"),
         ({"lr": 0}, "lr: Input should be greater than 0"),
         ({"lr": -1.0}, "lr: Input should be greater than 0"),
         ({"epochs": "ten"}, "epochs: Input should be a valid integer"),

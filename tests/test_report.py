@@ -1,7 +1,9 @@
 import numpy as np
 import pandas as pd
+import pytest
 
 from aevae.images import GAP, TILE_SCALE, image_grid
+from aevae.figures import grid_picks
 from aevae.report import comparison_sentences
 
 
@@ -26,18 +28,31 @@ def test_grid_rows_of_different_lengths_are_all_drawn_and_blank_cells_stay_white
     assert (cell(0, 3) == 255).all()
 
 
-def summary_rows(metric: str, ae: float, vae: float, low: float, high: float) -> list[dict]:
-    return [{"model": "ae", "metric": metric, "mean": ae, "ci_low": ae - 0.1, "ci_high": ae + 0.1},
-            {"model": "vae", "metric": metric, "mean": vae, "ci_low": vae - 0.1, "ci_high": vae + 0.1},
-            {"model": "ae-vae", "metric": metric, "mean": ae - vae, "ci_low": low, "ci_high": high}]
+def summary_rows(metric: str, ae: float, vae: float, low: float, high: float, seeds: int) -> list[dict]:
+    common = {"metric": metric, "seeds": seeds, "seed_sd": float("nan")}
+    return [{"model": "ae", **common, "mean": ae, "ci_low": ae - 0.1, "ci_high": ae + 0.1},
+            {"model": "vae", **common, "mean": vae, "ci_low": vae - 0.1, "ci_high": vae + 0.1},
+            {"model": "ae-vae", **common, "mean": ae - vae, "ci_low": low, "ci_high": high}]
 
 
-def test_comparison_claims_a_gap_only_when_the_paired_interval_excludes_zero():
-    summary = pd.DataFrame([*summary_rows("psnr", 25.0, 21.0, 3.5, 4.5),
-                            *summary_rows("ssim", 0.70, 0.69, -0.01, 0.03),
-                            *summary_rows("lpips", float("nan"), float("nan"), float("nan"), float("nan"))])
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_comparison_claims_a_gap_only_when_the_paired_interval_excludes_zero(seeds):
+    summary = pd.DataFrame([*summary_rows("psnr", 25.0, 21.0, 3.5, 4.5, seeds),
+                            *summary_rows("ssim", 0.70, 0.69, -0.01, 0.03, seeds),
+                            *summary_rows("lpips", float("nan"), float("nan"), float("nan"), float("nan"), seeds)])
     (paragraph,) = comparison_sentences(summary, {"ae": "AE", "vae": "VAE"})
     psnr, ssim, lpips = paragraph.split(". ")
     assert "AE 25.00 vs VAE 21.00" in psnr and "excludes zero" in psnr
     assert "includes zero" in ssim
     assert "not available" in lpips
+    # One seed's interval covers the test set only: never a claim that the gap is not noise.
+    assert "sampling noise" not in paragraph
+    assert ("spread between seeds is unmeasured" in psnr) == (seeds == 1)
+    assert (f"over {seeds} training seeds" in psnr) == (seeds > 1)
+
+
+def test_the_grid_shows_every_unit_once_before_any_unit_twice():
+    units = ["a"] * 10 + ["b"] * 5 + ["c"] * 1 + ["d"] * 4
+    picks = grid_picks(units, 4, seed=0)
+    assert sorted(units[i] for i in picks) == ["a", "b", "c", "d"] and list(picks) == sorted(picks)
+    assert len(set(grid_picks(units, 6, seed=0))) == 6

@@ -9,7 +9,7 @@ from aevae.data import prepare
 from aevae.files import ModelDir
 from aevae.models import VAE, load_model
 from aevae.params import DataParams, load_params
-from aevae.train import make_optimizer, train
+from aevae.train import make_optimizer, train, training_params
 
 
 @pytest.fixture
@@ -20,10 +20,20 @@ def tiny_data(tmp_path):
 
 
 def test_kl_warmup_is_linear_then_constant(write_params):
-    vae = VAE.from_params(load_params(write_params({"vae": {"beta": 2.0, "kl_warmup_epochs": 4}})))
+    from aevae.models import build_model
+
+    vae = build_model("vae", load_params(write_params({"models": {"vae": {"beta": 2.0, "kl_warmup_epochs": 4}}})))
     assert [vae.kl_weight(e) for e in (1, 2, 4, 9)] == [0.5, 1.0, 2.0, 2.0]
     assert vae.kl_weight(None) == 2.0  # validation weighs KL by the final beta
-    assert VAE.from_params(load_params(write_params({}))).kl_weight(1) == 1.0
+    assert build_model("vae", load_params(write_params({}))).kl_weight(1) == 1.0
+
+
+def test_a_training_logs_its_own_configuration_and_seed_not_the_studys(write_params):
+    params = load_params(write_params({"train": {"seeds": [0, 3]}, "models": {"vae": {"beta": 0.5}}}))
+    logged = training_params("vae", 3, params)
+    assert logged["train.seed"] == 3 and logged["model.kind"] == "vae" and logged["model.beta"] == 0.5
+    assert "train.seeds" not in logged and not any(k.startswith(("models.", "eval.", "report.")) for k in logged)
+    assert training_params("ae", 3, params)["model.kind"] == "ae" and "model.beta" not in training_params("ae", 3, params)
 
 
 def test_vae_heads_learn_at_a_fan_in_scaled_rate():
@@ -34,8 +44,8 @@ def test_vae_heads_learn_at_a_fan_in_scaled_rate():
 @pytest.mark.parametrize("kind", ["ae", "vae"])
 def test_training_writes_checkpoints_history_and_an_mlflow_run(kind, tiny_data, store, tmp_path, write_params):
     params = load_params(write_params({"epochs": 2, "batch_size": 16, "data": {"image_size": 32}}))
-    out = tmp_path / kind
-    history = train(kind, params, tiny_data, ModelDir(out))
+    out = tmp_path / kind / "seed0"
+    history = train(params, tiny_data, ModelDir(out))
 
     assert len(history) == 2
     frame = pd.read_csv(out / "history.csv")
@@ -53,9 +63,10 @@ def test_training_writes_checkpoints_history_and_an_mlflow_run(kind, tiny_data, 
 
     run_id = json.loads((out / "run.json").read_text())["run_id"]
     run = mlflow.MlflowClient(store).get_run(run_id)
-    assert run.info.run_name == kind and run.info.status == "FINISHED"
+    assert run.info.run_name == f"{kind}-seed0" and run.info.status == "FINISHED"
     assert run.data.params["lr"] == "0.002" and run.data.params["epochs"] == "2"
-    assert ("vae.beta" in run.data.params) == (kind == "vae")
+    assert run.data.params["train.seed"] == "0" and run.data.tags["model_config"] == kind
+    assert ("model.beta" in run.data.params) == (kind == "vae")
     assert len(run.data.tags["data_sha256"]) == 64
     steps = mlflow.MlflowClient(store).get_metric_history(run_id, "val_loss")
     assert [m.step for m in steps] == [1, 2]
@@ -65,6 +76,8 @@ def test_training_writes_checkpoints_history_and_an_mlflow_run(kind, tiny_data, 
 
 def test_training_is_reproducible(tiny_data, store, tmp_path, write_params):
     params = load_params(write_params({"epochs": 1, "batch_size": 16, "data": {"image_size": 32}}))
-    a = train("vae", params, tiny_data, ModelDir(tmp_path / "a"))
-    b = train("vae", params, tiny_data, ModelDir(tmp_path / "b"))
+    a = train(params, tiny_data, ModelDir.of(tmp_path / "a", "vae", 0))
+    b = train(params, tiny_data, ModelDir.of(tmp_path / "b", "vae", 0))
     assert a == b
+    c = train(params, tiny_data, ModelDir.of(tmp_path / "a", "vae", 1))  # another seed: another training
+    assert c != a

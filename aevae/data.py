@@ -11,9 +11,9 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator
-from typing import BinaryIO
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -207,7 +207,7 @@ def builtin_crops(params: DataParams, seed: int) -> Iterator[tuple[str, np.ndarr
 
 def _open_npy(path: Path, n: int, size: int) -> BinaryIO:
     """An .npy file for (n, size, size, 3) uint8 rows, header written; rows are appended in order."""
-    f = open(path, "wb")
+    f = open(path, "wb")  # noqa: SIM115 - returned open: the caller appends rows and closes it
     np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, size, size, 3)})
     return f
 

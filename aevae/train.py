@@ -196,7 +196,8 @@ def progress_images(model: Model, fixed: Tensor, device: torch.device, seed: int
     batch statistics and random state are left exactly as they were (resume stays bitwise)."""
     model.eval()
     x = to_unit(fixed).to(device)
-    images = {"val_reconstructions": image_grid({"validation": to_uint8(x), model.label: to_uint8(model.reconstruct(x))})}
+    grid = image_grid({"validation": to_uint8(x), model.label: to_uint8(model.reconstruct(x))})
+    images = {"val_reconstructions": grid}
     if model.generative:
         samples = model.sample(len(x), torch.Generator().manual_seed(seed))
         images["prior_samples"] = image_grid({"z ~ N(0, I)": to_uint8(samples)})

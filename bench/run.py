@@ -1,7 +1,7 @@
 """Benchmark aevae against the plain PyTorch loop of the study's notebook, on this machine, in one run.
 
     python bench/run.py            # about 35 minutes on a 2-core CPU, most of it the sweep; writes bench/results.md
-    python bench/run.py --quick    # a smaller smoke run without dvc repro and sweep, results not written
+    python bench/run.py --quick    # smaller sizes, no dvc repro, no sweep (about 4 minutes); results not written
 
 Every figure is measured here, now; each measurement runs in its own process so that its peak memory
 (max RSS) is its own. Ratios are ours / baseline, so above 1 means faster.

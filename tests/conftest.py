@@ -210,7 +210,8 @@ def tracking_server(tmp_path, request):
     server.kill()
 
 
-def train_command(params: Path | str, data: Path | str, models: Path | str, model: str = "ae", seed: int = 0) -> list[str]:
+def train_command(params: Path | str, data: Path | str, models: Path | str, model: str = "ae",
+                  seed: int = 0) -> list[str]:
     """The training stage's command line, as dvc.yaml's train@<model>-<seed> runs it."""
     import sys
 

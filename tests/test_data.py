@@ -11,10 +11,10 @@ from aevae.data import (
     NEAR_DUPLICATE_PSNR_DB,
     builtin_cells,
     load_image,
-    read_test_units,
     load_split,
     prepare,
     psnr_to_each,
+    read_test_units,
     split_sizes,
 )
 from aevae.params import DataParams
@@ -169,7 +169,7 @@ def test_hostile_and_odd_files_are_skipped_with_reasons_or_used(image_folder, tm
     palette = photo.convert("P", palette=Image.Palette.ADAPTIVE)
     palette.info["transparency"] = 0
     palette.save(image_folder / "palette.gif", transparency=0)
-    Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257)).save(image_folder / "deep16.png")
+    Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257).save(image_folder / "deep16.png")
     out = tmp_path / "prepared"
     manifest_skipped = {s["path"]: s["reason"] for s in (prepare(folder_params(image_folder), 0, out).skipped)}
     assert "DecompressionBomb" in manifest_skipped["bomb.png"]

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,10 +16,11 @@ from aevae.data import prepare
 from aevae.files import ModelDir
 from aevae.params import load_params
 from aevae.train import train
+from tests.conftest import train_command
 
-REPO = Path(__file__).resolve().parents[1]
-FAULT_PARAMS = {"epochs": 4, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 200},
-                "vae": {"latent_dim": 16}, "train": {"threads": 1}}
+pytestmark = pytest.mark.slow
+FAULT_PARAMS = {"epochs": 6, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 200},
+                "models": {"vae": {"latent_dim": 16}}, "train": {"threads": 1}}
 
 
 @pytest.fixture
@@ -30,12 +30,16 @@ def fault_setup(tmp_path, write_params, store):
     prepare(load_params(params_file).data, seed=0, out=data)
     env = {**os.environ, "MLFLOW_TRACKING_URI": store}
 
-    def start(out: Path, params: Path = params_file, **popen) -> subprocess.Popen:
-        cmd = [sys.executable, str(REPO / "stages/train.py"), "--model", "vae", "--params", str(params),
-               "--data", str(data), "--out", str(out)]
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    def start(models: Path, params: Path = params_file, **popen) -> subprocess.Popen:
+        """The VAE's training stage writing to <models>/vae/seed0."""
+        return subprocess.Popen(train_command(params, data, models, model="vae"), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **popen)
 
     return start
+
+
+def out(models: Path) -> Path:
+    return models / "vae" / "seed0"
 
 
 def wait_for_epoch(path: Path, epoch: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -48,7 +52,7 @@ def wait_for_epoch(path: Path, epoch: int, proc: subprocess.Popen, timeout: floa
                     return
             except (EOFError, RuntimeError):  # caught between two writes of the same name: try again
                 pass
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise TimeoutError(f"{path} never reached epoch {epoch}")
 
 
@@ -65,32 +69,32 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.Completed
 def test_sigkill_then_restart_resumes_to_bitwise_identical_weights(fault_setup, tmp_path, store):
     reference = finish(fault_setup(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
+    killed = out(tmp_path / "killed")
 
     proc = fault_setup(tmp_path / "killed")
-    wait_for_epoch(tmp_path / "killed" / "last.pt", 1, proc)
-    time.sleep(0.5)  # into the next epoch
+    wait_for_epoch(killed / "last.pt", 1, proc)  # killed as soon as one epoch is saved, mid-way through 6
     proc.kill()
     proc.wait()
-    interrupted = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
-    assert 1 <= interrupted["epoch"] < 4 and not interrupted["complete"]
-    (tmp_path / "killed" / "best.pt").unlink()  # as `dvc repro` does to a stage's outputs before running it
+    interrupted = torch.load(killed / "last.pt", weights_only=True)
+    assert 1 <= interrupted["epoch"] < 6 and not interrupted["complete"]
+    (killed / "best.pt").unlink()  # as `dvc repro` does to a stage's outputs before running it
 
     resumed = finish(fault_setup(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after epoch" in resumed.stderr
-    a = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert f"resuming after epoch {interrupted['epoch']}" in resumed.stderr
+    a = torch.load(out(tmp_path / "reference") / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["history"] == b["history"]
-    best_a, best_b = (torch.load(tmp_path / d / "best.pt", weights_only=True) for d in ("reference", "killed"))
+    best_a, best_b = (torch.load(out(tmp_path / d) / "best.pt", weights_only=True) for d in ("reference", "killed"))
     assert best_a["epoch"] == best_b["epoch"] and best_a["val_loss"] == best_b["val_loss"]
     assert all(torch.equal(best_a["state_dict"][k], best_b["state_dict"][k]) for k in best_a["state_dict"])
 
     client = mlflow.MlflowClient(store)
-    run_id = json.loads((tmp_path / "killed" / "run.json").read_text())["run_id"]
+    run_id = json.loads((killed / "run.json").read_text())["run_id"]
     assert run_id == interrupted["run_id"]  # the same MLflow run, continued
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert {m.step for m in client.get_metric_history(run_id, "val_loss")} == {1, 2, 3, 4}
+    assert {m.step for m in client.get_metric_history(run_id, "val_loss")} == set(range(1, 7))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -101,13 +105,13 @@ def test_interrupt_keeps_the_checkpoint_and_marks_the_run_killed(fault_setup, tm
     long = write_params({**FAULT_PARAMS, "epochs": 1000}, name="long.yaml")
     proc = fault_setup(tmp_path / "out", params=long,
                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    wait_for_epoch(tmp_path / "out" / "last.pt", 1, proc)
+    wait_for_epoch(out(tmp_path / "out") / "last.pt", 1, proc)
     proc.send_signal(sig)
     result = finish(proc, timeout=120)
     assert result.returncode == 130
     assert "Interrupted" in result.stderr and "Traceback" not in result.stderr
-    assert torch.load(tmp_path / "out" / "last.pt", weights_only=True)["epoch"] >= 1
-    run_id = json.loads((tmp_path / "out" / "run.json").read_text())["run_id"]
+    assert torch.load(out(tmp_path / "out") / "last.pt", weights_only=True)["epoch"] >= 1
+    run_id = json.loads((out(tmp_path / "out") / "run.json").read_text())["run_id"]
     assert mlflow.MlflowClient(store).get_run(run_id).info.status == "KILLED"
 
 
@@ -116,9 +120,9 @@ def test_divergence_stops_with_a_clear_error_and_no_nan_checkpoint(tmp_path, sto
     prepare(load_params(write_params({"data": {"image_size": 32, "builtin_size": 60}})).data, seed=0, out=tiny_data)
     params = load_params(write_params({"lr": 10.0, "epochs": 2, "batch_size": 16, "data": {"image_size": 32}}))
     with pytest.raises(AevaeError, match="diverged in epoch 1: loss is nan"):
-        train("vae", params, tiny_data, ModelDir(tmp_path / "out"))
-    assert not (tmp_path / "out" / "best.pt").exists()
-    run_id = json.loads((tmp_path / "out" / "run.json").read_text())["run_id"]
+        train(params, tiny_data, ModelDir.of(tmp_path / "models", "vae", 0))
+    assert not out(tmp_path / "models").joinpath("best.pt").exists()
+    run_id = json.loads((out(tmp_path / "models") / "run.json").read_text())["run_id"]
     assert mlflow.MlflowClient(store).get_run(run_id).info.status == "FAILED"
 
 
@@ -127,7 +131,7 @@ def test_a_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(fault
 
     first = finish(fault_setup(tmp_path / "out"))
     assert first.returncode == 0, first.stderr
-    before = torch.load(tmp_path / "out" / "best.pt", weights_only=True)
+    before = torch.load(out(tmp_path / "out") / "best.pt", weights_only=True)
 
     def small_disk():  # files may not grow past 1 MiB: writes fail as on a full disk (EFBIG)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -137,13 +141,13 @@ def test_a_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(fault
     result = finish(fault_setup(tmp_path / "out", params=other, preexec_fn=small_disk))
     assert result.returncode == 1
     assert "Error: cannot write" in result.stderr and "Traceback" not in result.stderr
-    after = torch.load(tmp_path / "out" / "best.pt", weights_only=True)
+    after = torch.load(out(tmp_path / "out") / "best.pt", weights_only=True)
     assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
-    assert not list((tmp_path / "out").glob(".*.tmp*"))  # no half-written temporary file left behind
+    assert not list(out(tmp_path / "out").glob(".*.tmp*"))  # no half-written temporary file left behind
 
 
 def test_an_output_path_that_cannot_be_a_folder_is_a_one_line_error(fault_setup, tmp_path):
     (tmp_path / "blocker").write_text("a file where the output folder should go")
-    result = finish(fault_setup(tmp_path / "blocker" / "out"))
+    result = finish(fault_setup(tmp_path / "blocker"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("Error:") and "Traceback" not in result.stderr

@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, train_command
+
+pytestmark = pytest.mark.slow
 
 
 def test_two_workers_starting_one_configuration_train_it_once(tmp_path, write_params, store):
@@ -21,8 +24,7 @@ def test_two_workers_starting_one_configuration_train_it_once(tmp_path, write_pa
     def worker(name: str) -> subprocess.Popen:
         """The training stage in a workspace of its own, as in DVC's temporary experiment copies."""
         (tmp_path / name).mkdir()
-        return subprocess.Popen([sys.executable, str(REPO / "stages/train.py"), "--model", "ae", "--params", params,
-                                 "--data", str(tmp_path / "prepared"), "--out", "models/ae"],
+        return subprocess.Popen(train_command(params, tmp_path / "prepared", "models"),
                                 cwd=tmp_path / name, env=env, stderr=subprocess.PIPE, text=True)
 
     first, second = worker("w1"), worker("w2")  # started together, as `dvc queue start -j 2` does
@@ -30,7 +32,8 @@ def test_two_workers_starting_one_configuration_train_it_once(tmp_path, write_pa
     assert [p.returncode for p in (first, second)] == [0, 0], logs
     assert sum("waiting for its outputs instead of training it twice" in log for log in logs) == 1, logs
     for name in ("best.pt", "run.json", "history.csv"):
-        assert (tmp_path / "w1/models/ae" / name).read_bytes() == (tmp_path / "w2/models/ae" / name).read_bytes()
+        first, second = (tmp_path / w / "models/ae/seed0" / name for w in ("w1", "w2"))
+        assert first.read_bytes() == second.read_bytes()
     mlflow.set_tracking_uri(store)  # this test's store: an earlier in-process test may have set another
     runs = mlflow.search_runs(experiment_names=["aevae"], filter_string="tags.aevae_role = 'stage'")
     assert len(runs) == 1 and runs["status"].tolist() == ["FINISHED"], logs

@@ -13,7 +13,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, train_command
+
+pytestmark = pytest.mark.slow
 
 EPOCHS = 30
 
@@ -50,10 +52,9 @@ def test_metrics_survive_two_outages_and_arrive_in_order(tmp_path, env, write_pa
     subprocess.run([sys.executable, str(REPO / "stages/prepare.py"), "--params", params, "--out", "prepared"],
                    cwd=tmp_path, env=env, check=True, capture_output=True)
     env = {**env, "MLFLOW_TRACKING_URI": tracking_server.uri}
-    history = tmp_path / "ae/history.csv"
-    training = subprocess.Popen(
-        [sys.executable, str(REPO / "stages/train.py"), "--model", "ae", "--params", params, "--data", "prepared",
-         "--out", "ae"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = tmp_path / "models/ae/seed0/history.csv"
+    training = subprocess.Popen(train_command(params, "prepared", "models"), cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         down_at = wait_for_epoch(training, history, 2)
         tracking_server.kill()
@@ -69,7 +70,11 @@ def test_metrics_survive_two_outages_and_arrive_in_order(tmp_path, env, write_pa
         training.kill()
     assert training.returncode == 0, stderr[-3000:]
     assert "does not answer: training goes on" in stderr and "answers again" in stderr
-    assert "aevae sync" in stderr.splitlines()[-1] or "aevae sync" in stderr  # the end-of-stage warning
+    # The end-of-stage warning: after the last epoch, the FINISHED status waits, and says how to send it.
+    lines = stderr.splitlines()
+    last_epoch = max(i for i, line in enumerate(lines) if f"epoch {EPOCHS}/{EPOCHS}" in line)
+    (warning,) = [line for line in lines[last_epoch:] if "is unreachable" in line]
+    assert "its FINISHED status" in warning and "aevae sync" in warning
     pending = list((tmp_path / ".dvc/tmp/mlflow-pending").glob("*.jsonl"))
     assert len(pending) == 1
 
@@ -80,7 +85,7 @@ def test_metrics_survive_two_outages_and_arrive_in_order(tmp_path, env, write_pa
     assert "1 run(s) completed" in synced.stdout
     assert not list((tmp_path / ".dvc/tmp/mlflow-pending").glob("*.jsonl"))
 
-    run_id = json.loads((tmp_path / "ae/run.json").read_text())["run_id"]
+    run_id = json.loads((tmp_path / "models/ae/seed0/run.json").read_text())["run_id"]
     client = mlflow.MlflowClient(tracking_server.uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"

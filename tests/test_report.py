@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aevae.images import GAP, TILE_SCALE, image_grid
 from aevae.figures import grid_picks
+from aevae.images import GAP, TILE_SCALE, image_grid
 from aevae.report import comparison_sentences
 
 

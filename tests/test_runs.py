@@ -2,7 +2,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -53,16 +52,14 @@ def test_parallel_writers_on_a_new_store_lose_nothing(tmp_path):
 def test_a_run_is_marked_failed_when_its_body_raises(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with pytest.raises(ValueError):
-        with runs.start_run("boom", {}, {}) as run:
-            raise ValueError("x")
+    with pytest.raises(ValueError), runs.start_run("boom", {}, {}) as run:
+        raise ValueError("x")
     assert mlflow.MlflowClient(uri).get_run(run.info.run_id).info.status == "FAILED"
 
 
 def test_resume_run_needs_the_run_file(tmp_path):
-    with pytest.raises(AevaeError, match="run the training stages first"):
-        with runs.resume_run(Path(tmp_path) / "run.json"):
-            pass
+    with pytest.raises(AevaeError, match="run the training stages first"), runs.resume_run(tmp_path / "run.json"):
+        pass
 
 
 def test_logging_into_a_finished_run_keeps_its_status_and_duration(tmp_path, monkeypatch):
@@ -73,18 +70,19 @@ def test_logging_into_a_finished_run_keeps_its_status_and_duration(tmp_path, mon
     runs.write_run_file(tmp_path / "run.json", run)
     client = mlflow.MlflowClient(uri)
     trained = client.get_run(run.info.run_id).info
-    with pytest.raises(RuntimeError):  # a failing evaluation must not mark the training FAILED
-        with runs.resume_run(tmp_path / "run.json"):
-            mlflow.log_metric("test_psnr", 25.0)
-            time.sleep(0.05)
-            raise RuntimeError("evaluation failed")
+    # A failing evaluation must not mark the training FAILED.
+    with pytest.raises(RuntimeError), runs.resume_run(tmp_path / "run.json"):
+        mlflow.log_metric("test_psnr", 25.0)
+        time.sleep(0.05)
+        raise RuntimeError("evaluation failed")
     after = client.get_run(run.info.run_id)
     assert trained.status == "FINISHED"
     assert (after.info.status, after.info.end_time) == (trained.status, trained.end_time)
     assert after.data.metrics["test_psnr"] == 25.0
 
 
-@pytest.mark.parametrize(("error", "status"), [(KeyboardInterrupt, "KILLED"), (ValueError, "FAILED"), (None, "FINISHED")])
+@pytest.mark.parametrize(("error", "status"),
+                         [(KeyboardInterrupt, "KILLED"), (ValueError, "FAILED"), (None, "FINISHED")])
 def test_every_run_ends_with_the_status_of_how_its_block_ended(tmp_path, monkeypatch, error, status):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     ended = []

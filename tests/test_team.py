@@ -13,7 +13,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import MODELS, REPO, TrackingServer, copy_project, exp_metrics, run
+from tests.conftest import MODELS, REPO, TrackingServer, copy_project, exp_metrics, run, train_command
+
+pytestmark = pytest.mark.slow
 
 USERS = {"alice": "alice-Pw-4417-x", "bob": "bob-Pw-9052-xyz", "carol": "carol-Pw-1268-x"}  # MLflow: 12+ chars
 
@@ -54,8 +56,7 @@ def train_stage(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProc
     if not (tmp_path / "prepared").exists():
         run([sys.executable, str(REPO / "stages/prepare.py"), "--params", str(params), "--out", "prepared"],
             tmp_path, env)
-    return subprocess.run([sys.executable, str(REPO / "stages/train.py"), "--model", "ae", "--params", str(params),
-                           "--data", "prepared", "--out", "ae"], cwd=tmp_path, env=env, capture_output=True,
+    return subprocess.run(train_command(params, "prepared", "models"), cwd=tmp_path, env=env, capture_output=True,
                           text=True)
 
 
@@ -71,7 +72,7 @@ def test_anonymous_clients_are_refused_and_a_wrong_password_stops_before_trainin
         assert failed.returncode == 1, failed.stderr[-2000:]
         assert failed.stderr.strip().splitlines()[-1].startswith(f"Error: MLflow at {server.uri} {says}"), failed.stderr
         assert "Traceback" not in failed.stderr
-        assert not (tmp_path / "ae" / "history.csv").exists(), "an epoch ran before the login was checked"
+        assert not (tmp_path / "models/ae/seed0/history.csv").exists(), "an epoch ran before the login was checked"
         assert "not-her-password" not in failed.stderr
 
     done = train_stage(tmp_path, as_user(env, server, "alice"))
@@ -81,7 +82,7 @@ def test_anonymous_clients_are_refused_and_a_wrong_password_stops_before_trainin
         patch.setenv("MLFLOW_TRACKING_PASSWORD", USERS["carol"])
         experiment = client.get_experiment_by_name("aevae")
         found = client.search_runs([experiment.experiment_id], "tags.aevae_role = 'stage'")
-    assert [(r.info.run_name, r.info.status) for r in found] == [("ae", "FINISHED")]
+    assert [(r.info.run_name, r.info.status) for r in found] == [("ae-seed0", "FINISHED")]
     assert "val_loss" in found[0].data.metrics
 
 
@@ -99,7 +100,7 @@ def test_sweeps_from_two_machines_meet_in_a_third_clone(tmp_path, env, server):
                 ["git", "remote", "add", "origin", str(origin)], ["git", "push", "-q", "origin", "main"]):
         run(cmd, project, env)
 
-    experiments = {"alice": "vae.beta=2", "bob": "vae.beta=0.5"}  # the same AE and AE-128 configuration
+    experiments = {"alice": "models.vae.beta=2", "bob": "models.vae.beta=0.5"}  # the same AE and AE-128
     outputs, logs = {}, {}
     for name, override in experiments.items():
         clone = tmp_path / name
@@ -108,11 +109,11 @@ def test_sweeps_from_two_machines_meet_in_a_third_clone(tmp_path, env, server):
         # --pull: a stage the team ran before (the DVC remote's run-cache) is restored from there
         logs[name] = run(["dvc", "exp", "run", "--pull", "-n", f"{name}-exp", "-S", override], clone, member).stdout
         run(["dvc", "exp", "push", "--run-cache", "origin", f"{name}-exp"], clone, member)
-        outputs[name] = {kind: (clone / f"models/{kind}/best.pt").read_bytes() for kind in MODELS}
-    assert "Running stage 'train_ae'" in logs["alice"]
-    for stage in ("train_ae", "train_ae_code"):
+        outputs[name] = {kind: (clone / f"models/{kind}/seed0/best.pt").read_bytes() for kind in MODELS}
+    assert "Running stage 'train@ae-0'" in logs["alice"]
+    for stage in ("train@ae-0", "train@ae_code-0"):
         assert f"Stage '{stage}' is cached - skipping run" in logs["bob"], logs["bob"]
-    assert "Running stage 'train_vae'" in logs["bob"]
+    assert "Running stage 'train@vae-0'" in logs["bob"]
     assert outputs["bob"]["ae"] == outputs["alice"]["ae"]
 
     lead = tmp_path / "carol"
@@ -125,7 +126,7 @@ def test_sweeps_from_two_machines_meet_in_a_third_clone(tmp_path, env, server):
     for name in experiments:  # the outputs came through the DVC remote, not only the git refs
         run(["dvc", "exp", "apply", f"{name}-exp"], lead, carol)
         for kind in MODELS:
-            assert (lead / f"models/{kind}/best.pt").read_bytes() == outputs[name][kind], (name, kind)
+            assert (lead / f"models/{kind}/seed0/best.pt").read_bytes() == outputs[name][kind], (name, kind)
 
     run(["aevae", "compare", "--csv", str(tmp_path / "all.csv")], lead, carol)
     table = pd.read_csv(tmp_path / "all.csv")

@@ -33,7 +33,8 @@ def test_a_training_logs_its_own_configuration_and_seed_not_the_studys(write_par
     logged = training_params("vae", 3, params)
     assert logged["train.seed"] == 3 and logged["model.kind"] == "vae" and logged["model.beta"] == 0.5
     assert "train.seeds" not in logged and not any(k.startswith(("models.", "eval.", "report.")) for k in logged)
-    assert training_params("ae", 3, params)["model.kind"] == "ae" and "model.beta" not in training_params("ae", 3, params)
+    ae = training_params("ae", 3, params)
+    assert ae["model.kind"] == "ae" and "model.beta" not in ae
 
 
 def test_vae_heads_learn_at_a_fan_in_scaled_rate():

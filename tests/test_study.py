@@ -1,0 +1,127 @@
+"""The study as one pipeline, as a user grows it: a new model kind added as the README says (one class and
+its params entry, nothing else), then more training seeds, each trained once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import TINY, copy_project, merged, run
+
+pytestmark = pytest.mark.slow
+
+# The README's recipe, "Adding a model kind": a class in aevae/models.py and an entry under models:.
+NEW_KIND = '''
+
+class WideVAE(VAE):
+    """A VAE under its own name: the recipe's example of a new kind."""
+
+    kind = "wide_vae"
+'''
+STUDY = merged(TINY, {"models": {"wide": {"kind": "wide_vae", "latent_dim": 16, "beta": 0.5, "kl_warmup_epochs": 0}}})
+CONFIGS = ("ae", "ae_code", "vae", "wide")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", TQDM_DISABLE="1",
+               TORCH_HOME=str(tmp_path_factory.mktemp("torch_home")), MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, env) -> Path:
+    """A copy of the project with a new kind added by the recipe, after one `dvc repro` (seed 0)."""
+    repo = copy_project(tmp_path_factory.mktemp("study"), STUDY)
+    with open(repo / "aevae/models.py", "a", encoding="utf-8") as f:
+        f.write(NEW_KIND)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "a new kind"], ["dvc", "repro"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        run(cmd, repo, env)
+    return repo
+
+
+def training_runs(repo: Path) -> pd.DataFrame:
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    frame = mlflow.search_runs(experiment_names=["aevae"])
+    return frame[frame["tags.model_config"].notna()].reset_index(drop=True)
+
+
+def test_a_new_kind_goes_through_every_stage_and_command(study, env, tmp_path):
+    result = json.loads((study / "metrics/eval.json").read_text())
+    assert [k for k in result if k in CONFIGS] == list(CONFIGS)
+    assert result["wide"]["seeds"] == [0] and result["wide"]["kl_nats"] > 0  # its ELBO, asked of the contract
+    report = (study / "reports/report.md").read_text()
+    assert "VAE beta=0.5" in report and "## Rate and distortion" in report  # two models with an ELBO
+    assert (study / "reports/rate_distortion.png").stat().st_size > 10_000
+    assert "## Sampling (VAE, VAE beta=0.5)" in report  # samples and interpolation for every generative model
+    runs = training_runs(study)
+    wide = runs[runs["tags.model_config"] == "wide"].iloc[0]
+    assert wide["tags.model_kind"] == "wide_vae" and wide["params.model.kind"] == "wide_vae"
+    assert wide["status"] == "FINISHED" and wide["metrics.test_psnr"] == pytest.approx(result["wide"]["psnr"], abs=1e-5)
+
+    run(["aevae", "compare", "--csv", str(tmp_path / "all.csv")], study, env)
+    table = pd.read_csv(tmp_path / "all.csv")
+    assert set(table["model"]) == set(CONFIGS)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        pixels = np.random.default_rng(i).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(photos / f"{i}.png")
+    out = run(["aevae", "reconstruct", "models/wide/seed0/best.pt", str(photos), "--out", str(tmp_path / "r")],
+              study, env).stdout
+    assert "2 image(s)" in out and (tmp_path / "r/scores.csv").is_file()
+    run(["aevae", "reconstruct", f"runs:/{wide['run_id']}/model", str(photos), "--out", str(tmp_path / "u")],
+        study, env)
+    assert (tmp_path / "u/scores.csv").read_text() == (tmp_path / "r/scores.csv").read_text()
+    run(["aevae", "sample", "models/wide/seed0/best.pt", "-n", "4", "--out", str(tmp_path / "s.png"), "--between",
+         str(photos / "0.png"), str(photos / "1.png")], study, env)
+    assert (tmp_path / "s.png").is_file() and (tmp_path / "s-interpolation.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def two_seeds(study, env) -> str:
+    """`dvc exp run -S 'train.seeds=[0,1]' -S epochs=1` in the study's workspace; its output."""
+    return run(["dvc", "exp", "run", "-S", "train.seeds=[0,1]", "-S", "epochs=1"], study, env).stdout
+
+
+def test_a_second_seed_is_one_command_and_the_report_covers_both(study, two_seeds):
+    for config in CONFIGS:
+        assert f"Running stage 'train@{config}-1'" in two_seeds and f"Running stage 'train@{config}-0'" not in two_seeds
+    result = json.loads((study / "metrics/eval.json").read_text())
+    per_image = pd.read_csv(study / "metrics/per_image.csv")
+    for config in CONFIGS:
+        assert result[config]["seeds"] == [0, 1]
+        rows = per_image[per_image["model"] == config]
+        assert sorted(rows["seed"].unique()) == [0, 1]
+        for metric in ("psnr", "ssim", "lpips", "mse"):  # the mean over seeds of each seed's image mean
+            assert result[config][metric] == pytest.approx(rows.groupby("seed")[metric].mean().mean(), abs=1e-5)
+    report = (study / "reports/report.md").read_text()
+    assert "2 training seeds (0, 1)" in report and result["interval"] in report
+    assert re.search(r"± [0-9.]+ \[", report)  # the seed-to-seed sd beside every mean
+
+
+def test_adding_a_third_seed_trains_only_that_seed(study, env, two_seeds):
+    before = training_runs(study)
+    out = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1,2]", "-S", "epochs=1"], study, env).stdout
+    for config in CONFIGS:
+        assert f"Running stage 'train@{config}-2'" in out
+        assert f"Running stage 'train@{config}-0'" not in out and f"Running stage 'train@{config}-1'" not in out
+    after = training_runs(study)
+    new = after[~after["run_id"].isin(before["run_id"])]
+    assert sorted(new["tags.model_config"]) == sorted(CONFIGS)  # one new training run per model
+    assert set(new["params.train.seed"]) == {"2"}
+    assert yaml.safe_load((study / "params.yaml").read_text())["train"]["seeds"] == [0, 1, 2]
+    assert json.loads((study / "metrics/eval.json").read_text())["vae"]["seeds"] == [0, 1, 2]

@@ -2,7 +2,7 @@
 
 DVC's run-cache restores a training done before, but only one that had *ended* when DVC looked: two
 queue workers that start experiments sharing an untrained configuration (same `lr`, different
-`vae.beta`) both miss it and both train the same AE (measured: 9 trainings instead of 7 in bench's
+`models.vae.beta`) both miss it and both train the same AE (measured: 9 trainings instead of 7 in bench's
 sweep with `-j 2`). Here the first worker to start a configuration holds a lock on it while it trains;
 a worker that starts the same configuration meanwhile waits on the lock, and the first publishes its
 outputs for it to copy, byte for byte, as DVC's run-cache would have restored them. Only a worker that
@@ -61,7 +61,7 @@ def training_once(key: str, out: ModelDir, shared: Path) -> Iterator[bool]:
         waited_since = time.time()
         (shared / f"{key}.wanted").touch()  # so the training worker publishes its outputs when it ends
         log.info("%s: another queue worker is training this same configuration now: waiting for its outputs "
-                 "instead of training it twice", out.name)
+                 "instead of training it twice", out.path)
         lock.acquire()
     try:
         done = shared / key / "done"
@@ -69,7 +69,7 @@ def training_once(key: str, out: ModelDir, shared: Path) -> Iterator[bool]:
             for path in outputs(out):
                 shutil.copy2(shared / key / path.name, path)
             log.info("%s: outputs of the identical training that just ended in another worker taken (%s)",
-                     out.name, out.run_file.read_text(encoding="utf-8").strip())
+                     out.path, out.run_file.read_text(encoding="utf-8").strip())
             yield False
             return
         yield True

@@ -147,9 +147,11 @@ def rate_distortion(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     # What each step of beta buys: the change in PSNR per nat of KL from the next smaller beta.
     vae["label"] = [f"beta {beta:g}" for beta in vae["beta"]]
     vae["psnr_db_per_kl_nat"] = vae["psnr"].diff() / vae["kl_nats"].diff()
-    refs = references.groupby("label").apply(summarise, include_groups=False).reset_index()
+    columns = ["label", "seeds", "psnr", "psnr_sd", "mse", "mse_sd"]
+    refs = (references.groupby("label").apply(summarise, include_groups=False).reset_index()
+            if not references.empty else pd.DataFrame(columns=columns))  # VAE runs alone: no reference lines
     vae["seeds"], refs["seeds"] = vae["seeds"].astype(int), refs["seeds"].astype(int)
-    return vae.reset_index(drop=True), refs[["label", "seeds", "psnr", "psnr_sd", "mse", "mse_sd"]]
+    return vae.reset_index(drop=True), refs[columns]
 
 
 def beta_steps(vae: pd.DataFrame) -> list[str]:

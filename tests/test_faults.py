@@ -148,6 +148,6 @@ def test_a_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(fault
 
 def test_an_output_path_that_cannot_be_a_folder_is_a_one_line_error(fault_setup, tmp_path):
     (tmp_path / "blocker").write_text("a file where the output folder should go")
-    result = finish(fault_setup(tmp_path / "blocker"))
+    result = finish(fault_setup(tmp_path / "blocker" / "models"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("Error:") and "Traceback" not in result.stderr

@@ -29,7 +29,7 @@ def test_two_workers_starting_one_configuration_train_it_once(tmp_path, write_pa
 
     first, second = worker("w1"), worker("w2")  # started together, as `dvc queue start -j 2` does
     logs = [p.communicate(timeout=600)[1] for p in (first, second)]
-    assert [p.returncode for p in (first, second)] == [0, 0], logs
+    assert [p.returncode for p in (first, second)] == [0, 0], "\n".join(logs)
     assert sum("waiting for its outputs instead of training it twice" in log for log in logs) == 1, logs
     for name in ("best.pt", "run.json", "history.csv"):
         first, second = (tmp_path / w / "models/ae/seed0" / name for w in ("w1", "w2"))

@@ -148,8 +148,6 @@ def test_rate_distortion_means_per_beta_and_what_each_step_buys(sweep):
     assert refs.loc[0, "mse"] == pytest.approx(0.0018)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="package bug: rate_distortion reads refs['seeds'] of an "
-                   "empty references table (aevae/sweeps.py, rate_distortion)")
 def test_rate_distortion_of_vae_runs_alone_has_no_references(sweep):
     """`aevae rate-distortion --param model.kind=vae`: no model without a rate is left to compare with."""
     vae, refs = rate_distortion(filter_params(sweep, {"model.kind": "vae"}))

@@ -11,13 +11,14 @@ import pandas as pd
 import torch
 
 from aevae import AevaeError
+from aevae.checkpoints import load_model, model_from_weights
 from aevae.data import UnusableImage, list_files, load_image
 from aevae.figures import latent_line
 from aevae.files import atomic_path
 from aevae.hardware import pick_device
 from aevae.images import image_grid, save_png, to_uint8
 from aevae.metrics import lpips_or_none, reconstruct_all, score_images
-from aevae.models import Model, load_model, model_from_weights
+from aevae.models import Model
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,14 @@ from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm.auto import tqdm
 
+from aevae.checkpoints import load_model
 from aevae.data import load_split, read_manifest, read_test_units
 from aevae.display import INTERVAL_METHOD, METRICS
 from aevae.files import MetricsDir, ModelDir, atomic_path, write_text
 from aevae.hardware import pick_device
 from aevae.images import batches, to_uint8
 from aevae.lpips_model import LPIPSUnavailable, load_lpips
-from aevae.models import Model, load_model
+from aevae.models import Model
 from aevae.params import Params
 
 log = logging.getLogger(__name__)

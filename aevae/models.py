@@ -9,14 +9,13 @@ file asks the contract, never a kind's name or its loss terms:
 - `param_groups(lr)`: its parameters grouped for the optimizer, with their learning rates;
 - `label`, `code_values()`, `code_size()`, `curve_terms`, `best_epoch_words(row)`: what the report says;
 - `Settings`: the kind's keys in a params.yaml `models:` entry; `config`: what rebuilds it, in every
-  checkpoint. Adding a kind: a subclass here and an entry under `models:` (README, "Adding a model kind").
+  checkpoint (aevae.checkpoints).
+Adding a kind: a subclass here and an entry under `models:` (README, "Adding a model kind").
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -25,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from aevae import AevaeError
-from aevae.files import atomic_path
 from aevae.params import Params
 
 CHANNELS = 256  # channels of the conv trunk's output; the spatial size is image_size / 8
@@ -323,9 +321,6 @@ class CodeSizeAE(_DenseCode):
         return self.decode(self.to_code(self.encoder(x).flatten(1)))
 
 
-MODEL_KINDS = tuple(MODELS)  # the kinds this file defines (a subclass added below the line joins MODELS)
-
-
 def build_model(name: str, params: Params) -> Model:
     """The study's model configuration `name` (params.yaml `models.<name>`), its settings checked."""
     if name not in params.models:
@@ -369,44 +364,3 @@ def active_units(mu: Tensor, threshold: float = 0.01) -> int:
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def save_model(path: Path, model: Model, **extra: Any) -> None:
-    """Weights plus the model's own config, so that `load_model` rebuilds any kind alike; atomic."""
-    checkpoint = {"kind": model.kind, "config": model.config, "state_dict": model.state_dict(), **extra}
-    # Serialised in memory first: torch's zip writer reports a failed write (disk full) as an opaque
-    # RuntimeError, a plain file write reports it as the OSError it is.
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getbuffer())
-
-
-def load_model(path: Path, image_size: int | None = None) -> tuple[Model, dict[str, Any]]:
-    """Rebuild a model from `save_model`'s file. weights_only: a checkpoint is untrusted input."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise AevaeError(f"checkpoint {path} not found: run the training stages first (dvc repro)") from None
-    except Exception as err:  # torch raises many types for a corrupt or malicious file
-        raise AevaeError(f"{path} is not a loadable aevae checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0]}); re-train with dvc repro --force") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") not in MODELS or "config" not in checkpoint:
-        raise AevaeError(f"{path} is not an aevae checkpoint (no model kind and config in it); re-train with dvc repro")
-    config = checkpoint["config"]
-    if image_size is not None and config.get("image_size") != image_size:
-        raise AevaeError(f"{path} was trained on {config.get('image_size')}px images but data.image_size is "
-                         f"{image_size}; re-train with dvc repro")
-    return model_from_weights(checkpoint["kind"], config, checkpoint["state_dict"], str(path)), checkpoint
-
-
-def model_from_weights(kind: str, config: dict[str, Any], weights: dict[str, Tensor], source: str) -> Model:
-    """The model `kind` built from its `config`, with `weights`, in eval mode; `source` names where they
-    came from in the error."""
-    try:
-        model = MODELS[kind](**config)
-        model.load_state_dict(weights)
-    except (KeyError, RuntimeError, TypeError) as err:
-        raise AevaeError(f"{source} does not match the {kind} architecture "
-                         f"({str(err).splitlines()[0]}); re-train with dvc repro --force") from None
-    return model.eval()

@@ -102,8 +102,8 @@ def _deliver(run_id: str, item: dict[str, Any]) -> None:
     elif item["kind"] == "file":
         client.log_artifact(run_id, item["file"], artifact_path=item["artifact_path"])
     elif item["kind"] == "model":
+        from aevae.checkpoints import load_model
         from aevae.mlflow_model import log_model
-        from aevae.models import load_model
 
         with mlflow.start_run(run_id=run_id):
             log_model(load_model(Path(item["file"]))[0])

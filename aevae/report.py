@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aevae.checkpoints import load_model
 from aevae.data import load_split, read_manifest, read_test_units
 from aevae.display import HIGHER_IS_BETTER, INTERVAL_METHOD, LABELS, METRICS, STUDY_METRICS, fmt
 from aevae.document import Section, write_report
 from aevae.figures import draw_samples, grid_picks, plot_curves
 from aevae.files import MetricsDir, ModelDir, atomic_path
 from aevae.images import image_grid, save_png
-from aevae.models import Model, load_model, parameter_count
+from aevae.models import Model, parameter_count
 from aevae.params import Params
 from aevae.sweeps import beta_steps, plot_rate_distortion
 

@@ -14,12 +14,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from aevae import AevaeError
+from aevae.checkpoints import load_model, save_model
 from aevae.cores import CoreShare
 from aevae.data import load_split, read_manifest
 from aevae.files import ModelDir, atomic_path, trained_dir
 from aevae.hardware import cpu_isa, pick_device, pick_precision
 from aevae.images import batches, image_grid, to_uint8, to_unit
-from aevae.models import Model, active_units, build_model, load_model, save_model
+from aevae.models import Model, active_units, build_model
 from aevae.once import training_key, training_once
 from aevae.outbox import log_epoch, log_images, log_trained_model
 from aevae.params import Params

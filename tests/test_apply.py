@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from aevae.models import VAE, AutoEncoder, save_model
+from aevae.checkpoints import save_model
+from aevae.models import VAE, AutoEncoder
 from tests.conftest import random_photo
 
 AEVAE = [sys.executable, "-c", "from aevae.commands import main; main()"]

@@ -6,6 +6,7 @@ from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 
 from aevae import AevaeError
+from aevae.checkpoints import load_model, save_model
 from aevae.models import (
     MODELS,
     VAE,
@@ -16,9 +17,7 @@ from aevae.models import (
     conv_decoder,
     conv_encoder,
     kl_divergence,
-    load_model,
     reconstruction_error,
-    save_model,
 )
 from aevae.params import DataParams, ModelEntry, Params
 

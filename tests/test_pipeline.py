@@ -191,8 +191,8 @@ def test_the_logged_mlflow_model_reconstructs_exactly_as_best_pt(repo):
     """mlflow.pytorch.load_model on runs:/<run id>/model: the test images' reconstructions, bit for bit."""
     import torch
 
+    from aevae.checkpoints import load_model
     from aevae.images import to_uint8, to_unit
-    from aevae.models import load_model
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     test = to_unit(np.load(repo / "data/prepared/test.npy"))
@@ -269,7 +269,7 @@ def test_a_vae_only_experiment_reuses_the_committed_ae(repo, env):
     parent = runs(repo, "pipeline").query("`tags.dvc_exp_name` == 'beta-half'").iloc[0]
     assert parent["tags.mlflow.runName"] == "beta-half" and parent["status"] == "FINISHED"
     assert set(new["tags.mlflow.parentRunId"]) == {parent["run_id"]}
-    baseline = before[(before["tags.model_config"] == "ae") & before["tags.dvc_exp_name"].isna()].iloc[0]
+    baseline = before[before["run_id"] == training_run_id(repo, "ae")].iloc[0]  # the committed workspace's AE
     assert parent["tags.ae_seed0_run_id"] == baseline["run_id"]
     assert parent["tags.ae_seed0_trained_in"] == baseline["tags.pipeline"]
     assert parent["tags.vae_seed0_trained_in"] == "beta-half"
@@ -291,19 +291,6 @@ def test_registering_the_models_is_one_param_and_trains_nothing(repo, env):
     assert mlflow.models.get_model_info("models:/aevae-vae/1").metadata["aevae_kind"] == "vae"
 
 
-def test_exp_run_with_a_param_override_retrains_both_models(repo, env):
-    before = len(runs(repo))
-    # --temp, like every experiment here: the workspace stays the committed baseline for the tests after.
-    out = run(["dvc", "exp", "run", "--temp", "-n", "lr-test", "-S", "lr=0.001", "-S", "epochs=1"], repo, env).stdout
-    assert "Running stage 'train@ae-0'" in out and "Running stage 'train@vae-0'" in out
-    assert "Running stage 'prepare'" not in out  # the data does not depend on lr
-    frame = runs(repo)
-    assert len(frame) == before + 4 and len(runs(repo, "pipeline").query("`tags.dvc_exp_name` == 'lr-test'")) == 1
-    new = frame[frame["params.lr"] == "0.001"]
-    assert sorted(new["tags.mlflow.runName"]) == ["ae-seed0", "ae_code-seed0", "vae-seed0"]
-    assert set(new["tags.dvc_exp_name"]) == {"lr-test"}
-    shown = run(["dvc", "exp", "show", "--json"], repo, env).stdout
-    assert "lr-test" in shown
 
 
 def run_queue(repo: Path, env: dict[str, str], workers: int = 2, timeout: float = 900) -> None:
@@ -320,18 +307,33 @@ def run_queue(repo: Path, env: dict[str, str], workers: int = 2, timeout: float 
 
 @pytest.fixture(scope="module")
 def lr_experiments(repo, env) -> dict[str, str]:
-    """One --temp and two queued experiments (two workers), each at its own lr: experiment name -> lr."""
+    """One --temp and two queued experiments (two workers), each at its own lr: experiment name -> lr; and,
+    under "temp-output", what `dvc exp run --temp` printed."""
     experiments = {"temp-exp": "0.003", "queued-a": "0.004", "queued-b": "0.005"}
-    run(["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "lr=0.003"], repo, env)
+    # --temp, like every experiment here: the workspace stays the committed baseline for the other tests.
+    temp = run(["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "lr=0.003", "-S", "epochs=1"], repo, env)
     for name in ("queued-a", "queued-b"):
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"lr={experiments[name]}"], repo, env)
     run_queue(repo, env)
-    return experiments
+    return {**experiments, "temp-output": temp.stdout}
+
+
+def test_exp_run_with_a_param_override_retrains_every_model(repo, env, lr_experiments):
+    out = lr_experiments["temp-output"]
+    assert all(f"Running stage 'train@{kind}-0'" in out for kind in MODELS)
+    assert "Running stage 'prepare'" not in out  # the data does not depend on lr
+    frame = runs(repo)
+    new = frame[frame["params.lr"] == "0.003"]
+    assert sorted(new["tags.mlflow.runName"]) == ["ae-seed0", "ae_code-seed0", "vae-seed0"]
+    assert set(new["tags.dvc_exp_name"]) == {"temp-exp"}
+    assert len(runs(repo, "pipeline").query("`tags.dvc_exp_name` == 'temp-exp'")) == 1
 
 
 def test_temp_and_queued_experiments_land_in_the_one_store(repo, env, lr_experiments):
     frame = runs(repo)
     for name, lr in lr_experiments.items():
+        if name == "temp-output":
+            continue
         rows = frame[frame["tags.dvc_exp_name"] == name]
         assert sorted(rows["tags.mlflow.runName"]) == ["ae-seed0", "ae_code-seed0", "report", "vae-seed0"], name
         assert set(rows["status"]) == {"FINISHED"}
@@ -360,7 +362,7 @@ def test_compare_prints_the_numbers_dvc_exp_show_has(repo, env, lr_experiments):
     assert "test_psnr" in out.stdout
     table = pd.read_csv(repo / "compare.csv")
     shown = exp_metrics(repo, env)
-    for name in lr_experiments:
+    for name in ("temp-exp", "queued-a", "queued-b"):
         for kind in MODELS:
             row = table[(table["pipeline"] == name) & (table["model"] == kind)].iloc[0]
             assert row["test_psnr"] == pytest.approx(shown[name][kind]["psnr"], abs=1e-5)

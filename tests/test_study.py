@@ -30,6 +30,9 @@ class WideVAE(VAE):
 '''
 STUDY = merged(TINY, {"models": {"wide": {"kind": "wide_vae", "latent_dim": 16, "beta": 0.5, "kl_warmup_epochs": 0}}})
 CONFIGS = ("ae", "ae_code", "vae", "wide")
+# The `aevae` command of the study's own code (the installed one has no WideVAE): python -c puts the working
+# directory first on sys.path, as an editable install of that repository would.
+AEVAE = [sys.executable, "-c", "from aevae.commands import main; main()"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_a_new_kind_goes_through_every_stage_and_command(study, env, tmp_path):
     assert wide["tags.model_kind"] == "wide_vae" and wide["params.model.kind"] == "wide_vae"
     assert wide["status"] == "FINISHED" and wide["metrics.test_psnr"] == pytest.approx(result["wide"]["psnr"], abs=1e-5)
 
-    run(["aevae", "compare", "--csv", str(tmp_path / "all.csv")], study, env)
+    run([*AEVAE, "compare", "--csv", str(tmp_path / "all.csv")], study, env)
     table = pd.read_csv(tmp_path / "all.csv")
     assert set(table["model"]) == set(CONFIGS)
     photos = tmp_path / "photos"
@@ -80,13 +83,13 @@ def test_a_new_kind_goes_through_every_stage_and_command(study, env, tmp_path):
     for i in range(2):
         pixels = np.random.default_rng(i).integers(0, 256, (48, 40, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(photos / f"{i}.png")
-    out = run(["aevae", "reconstruct", "models/wide/seed0/best.pt", str(photos), "--out", str(tmp_path / "r")],
+    out = run([*AEVAE, "reconstruct", "models/wide/seed0/best.pt", str(photos), "--out", str(tmp_path / "r")],
               study, env).stdout
     assert "2 image(s)" in out and (tmp_path / "r/scores.csv").is_file()
-    run(["aevae", "reconstruct", f"runs:/{wide['run_id']}/model", str(photos), "--out", str(tmp_path / "u")],
+    run([*AEVAE, "reconstruct", f"runs:/{wide['run_id']}/model", str(photos), "--out", str(tmp_path / "u")],
         study, env)
     assert (tmp_path / "u/scores.csv").read_text() == (tmp_path / "r/scores.csv").read_text()
-    run(["aevae", "sample", "models/wide/seed0/best.pt", "-n", "4", "--out", str(tmp_path / "s.png"), "--between",
+    run([*AEVAE, "sample", "models/wide/seed0/best.pt", "-n", "4", "--out", str(tmp_path / "s.png"), "--between",
          str(photos / "0.png"), str(photos / "1.png")], study, env)
     assert (tmp_path / "s.png").is_file() and (tmp_path / "s-interpolation.png").is_file()
 

@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
+from aevae.checkpoints import load_model
 from aevae.data import prepare
 from aevae.files import ModelDir
-from aevae.models import VAE, load_model
+from aevae.models import VAE
 from aevae.params import DataParams, load_params
 from aevae.train import make_optimizer, train, training_params
 

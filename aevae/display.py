@@ -13,7 +13,8 @@ SHARED_PARAMS = ("lr", "epochs", "batch_size", "train.precision", "data.source")
 TRAINING_PARAMS = (*SHARED_PARAMS, "train.seed", "model.kind", "model.beta", "model.latent_dim")
 STUDY_PARAMS = (*SHARED_PARAMS, "train.seeds")  # plus each configuration's models.<name>.<key>
 
-# How every interval of the report is computed (aevae.metrics.crossed_bootstrap).
+# How every interval is computed (aevae.metrics.crossed_bootstrap): short in eval.json, in full in the report.
+INTERVAL = "two-way bootstrap over seeds and test units"
 INTERVAL_METHOD = ("two-way percentile bootstrap: training seeds and the test set's independent units resampled "
                    "with replacement, independently (Owen 2007, crossed random effects)")
 

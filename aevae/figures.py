@@ -65,10 +65,11 @@ def draw_samples(generative: list[Trained], test: np.ndarray, n_samples: int, st
     rows, lines = {}, {}
     a, b = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:2].tolist()
     ends = np.stack([test[a], test[b]])
-    for t in generative:
+    for k, t in enumerate(generative):
         samples = to_uint8(t.model.eval().sample(n_samples, torch.Generator().manual_seed(seed)))
         per_row = math.ceil(len(samples) / 2)
-        rows[f"{t.label}: z ~ N(0, I)"], rows[f"{t.label} "] = samples[:per_row], samples[per_row:]
+        # Two rows per model; the second's label is blank (spaces keep the row keys apart).
+        rows[f"{t.label}: z ~ N(0, I)"], rows[" " * (k + 1)] = samples[:per_row], samples[per_row:]
         lines[t.label] = latent_line(t.model, ends, steps)
     save_png(image_grid(rows), out / "samples.png")
     save_png(image_grid({"test images": [ends[0], *[None] * (steps - 2), ends[1]], **lines}),

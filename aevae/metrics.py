@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from aevae.checkpoints import load_model
 from aevae.data import load_split, read_manifest, read_test_units
-from aevae.display import INTERVAL_METHOD, METRICS
+from aevae.display import INTERVAL, METRICS
 from aevae.files import MetricsDir, ModelDir, atomic_path, write_text
 from aevae.hardware import pick_device
 from aevae.images import batches, to_uint8
@@ -196,7 +196,7 @@ def write_results(out: MetricsDir, per_image: pd.DataFrame, per_seed: pd.DataFra
                       if name not in ("model", "seed") and not name.startswith(METRICS) and seeds[name].notna().all()})
         entry["seeds"] = [int(s) for s in seeds["seed"]]
         result[model] = entry
-    result.update({"interval": INTERVAL_METHOD, "lpips_available": lpips_source is not None,
+    result.update({"interval": INTERVAL, "lpips_available": lpips_source is not None,
                    "lpips_backbone": lpips_source})
     lpips_note = f"AlexNet weights: {lpips_source}" if lpips_source else "no AlexNet weights: LPIPS missing"
     summary = summary.assign(source=np.where(summary["metric"] == "lpips", lpips_note, ""))

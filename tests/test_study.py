@@ -112,7 +112,7 @@ def test_a_second_seed_is_one_command_and_the_report_covers_both(study, two_seed
         for metric in ("psnr", "ssim", "lpips", "mse"):  # the mean over seeds of each seed's image mean
             assert result[config][metric] == pytest.approx(rows.groupby("seed")[metric].mean().mean(), abs=1e-5)
     report = (study / "reports/report.md").read_text()
-    assert "2 training seeds (0, 1)" in report and result["interval"] in report
+    assert "2 training seeds (0, 1)" in report and "Interval method: two-way percentile bootstrap" in report
     assert re.search(r"± [0-9.]+ \[", report)  # the seed-to-seed sd beside every mean
 
 

@@ -87,11 +87,14 @@ def paired_table(summary: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
 
 
 def _evidence(seeds: int) -> str:
-    """What a paired interval that excludes zero does and does not show, given the seeds behind it."""
+    """What a paired interval that excludes zero shows, given the seeds behind it."""
     if seeds > 1:
         return f"the 95% interval over {seeds} training seeds and the test set's units excludes zero"
-    return ("the 95% interval over the test set's units excludes zero for this one training seed; the spread "
-            "between seeds is unmeasured and may be larger (add seeds with train.seeds)")
+    return "the 95% interval over the test set's units excludes zero for this one training seed"
+
+
+ONE_SEED_CAVEAT = ("With one training seed every interval here covers the test set only: the spread between seeds "
+                   "is unmeasured and may be larger than these gaps (add seeds with train.seeds: [0, 1, 2]).")
 
 
 def comparison_sentences(summary: pd.DataFrame, labels: dict[str, str]) -> list[str]:
@@ -116,6 +119,8 @@ def comparison_sentences(summary: pd.DataFrame, labels: dict[str, str]) -> list[
             sentences.append(f"{LABELS[metric]} ({direction} is better): {winner} {fmt(win['mean'], metric)} vs "
                              f"{loser} {fmt(lose['mean'], metric)}; {verdict}.")
         paragraphs.append(" ".join(sentences))
+    if paragraphs and (summary["seeds"] == 1).all():
+        paragraphs.append(ONE_SEED_CAVEAT)
     return paragraphs
 
 

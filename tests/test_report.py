@@ -4,7 +4,7 @@ import pytest
 
 from aevae.figures import grid_picks
 from aevae.images import GAP, TILE_SCALE, image_grid
-from aevae.report import comparison_sentences
+from aevae.report import ONE_SEED_CAVEAT, comparison_sentences
 
 
 def tiles(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
@@ -40,14 +40,15 @@ def test_comparison_claims_a_gap_only_when_the_paired_interval_excludes_zero(see
     summary = pd.DataFrame([*summary_rows("psnr", 25.0, 21.0, 3.5, 4.5, seeds),
                             *summary_rows("ssim", 0.70, 0.69, -0.01, 0.03, seeds),
                             *summary_rows("lpips", float("nan"), float("nan"), float("nan"), float("nan"), seeds)])
-    (paragraph,) = comparison_sentences(summary, {"ae": "AE", "vae": "VAE"})
+    paragraph, *caveat = comparison_sentences(summary, {"ae": "AE", "vae": "VAE"})
     psnr, ssim, lpips = paragraph.split(". ")
     assert "AE 25.00 vs VAE 21.00" in psnr and "excludes zero" in psnr
     assert "includes zero" in ssim
     assert "not available" in lpips
     # One seed's interval covers the test set only: never a claim that the gap is not noise.
     assert "sampling noise" not in paragraph
-    assert ("spread between seeds is unmeasured" in psnr) == (seeds == 1)
+    assert ("for this one training seed" in psnr) == (seeds == 1)
+    assert (caveat == [ONE_SEED_CAVEAT]) == (seeds == 1) and "spread between seeds is unmeasured" in ONE_SEED_CAVEAT
     assert (f"over {seeds} training seeds" in psnr) == (seeds > 1)
 
 

@@ -34,15 +34,17 @@ def training_scores(row: pd.Series) -> dict[str, float]:
 
 
 def log_test_results(params: Params, trainings: list[ModelDir], metrics: MetricsDir, per_seed: pd.DataFrame,
-                     summary: pd.DataFrame, lpips_source: str | None, data_sha256: str) -> None:
+                     summary: pd.DataFrame, lpips_source: str | None, inception: str, data_sha256: str) -> None:
     """Test scores into each training's run (params and test scores side by side), and each model's
     study-level ones (means over seeds) as `<model>_test_<metric>` into the pipeline's parent run, with a
     link to every training run: one row per experiment in the UI's runs table. A training restored from
     DVC's cache was logged under another parent; the link says which. With tracking.register_models, each
-    trained model also becomes a new version of `aevae-<model>` in the model registry."""
+    trained model also becomes a new version of `aevae-<model>` in the model registry. `inception` names the
+    weights behind FID/KID, or why they were not computed (a tag on every run, as LPIPS's backbone is)."""
     import mlflow
 
-    tags = {"lpips_backbone": lpips_source or "missing: no AlexNet weights"}
+    tags = {"lpips_backbone": lpips_source or "missing: no AlexNet weights",
+            "inception_weights": inception}
     links = {}
     for training in trainings:
         row = per_seed[(per_seed["model"] == training.config) & (per_seed["seed"] == training.seed)].iloc[0]

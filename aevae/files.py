@@ -127,3 +127,11 @@ class MetricsDir:
 
     def reconstructions(self, config: str, seed: int) -> Path:
         return self.path / "reconstructions" / config / f"seed{seed}.npy"
+
+    @property
+    def inception_test(self) -> Path:  # the `features` stage's output: the test images' Inception features
+        return self.path / "inception" / "test"
+
+    @property
+    def inception_models(self) -> Path:  # every training's reconstruction and sample features (evaluate)
+        return self.path / "inception" / "models"

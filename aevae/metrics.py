@@ -11,7 +11,8 @@ Conventions (docs/pitfalls.md #6), stated once here and in the report:
 - a model's test ELBO (reconstruction, KL and their sum) is in nats per image, z drawn once per image;
 - LPIPS is version 0.1 with the AlexNet backbone (the metric's standard setting), inputs mapped from
   [0, 1] to [-1, 1]; where the backbone's weights came from is written beside every LPIPS number;
-- a model's score is the mean over its training seeds of each seed's mean over test images.
+- a model's score is the mean over its training seeds of each seed's mean over test images;
+- FID and KID (aevae.fid) are set-level: one value per training, then the mean and sd over seeds.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import itertools
 import json
 import logging
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,9 @@ from tqdm.auto import tqdm
 from aevae.checkpoints import load_model
 from aevae.data import load_split, read_manifest, read_test_units
 from aevae.display import INTERVAL, METRICS
+from aevae.fid import FID_METRICS, FidStatus
 from aevae.files import MetricsDir, ModelDir, atomic_path, write_text
+from aevae.generation import GenerationScorer
 from aevae.hardware import pick_device
 from aevae.images import batches, to_uint8
 from aevae.lpips_model import LPIPSUnavailable, load_lpips
@@ -163,10 +167,11 @@ def summarize(per_image: pd.DataFrame, units: list[str], samples: int, seed: int
     return pd.DataFrame(rows)
 
 
-def per_seed_table(per_image: pd.DataFrame, elbo: dict[tuple[str, int], dict[str, float]], samples: int,
+def per_seed_table(per_image: pd.DataFrame, extra: dict[tuple[str, int], dict[str, float]], samples: int,
                    seed: int) -> pd.DataFrame:
     """Each training's test means: one row per (model, seed) with each metric, its 95% interval over the
-    test set's units (<metric>_ci_low/high) and the model's ELBO terms if it has them."""
+    test set's units (<metric>_ci_low/high) and its set-level scores (`extra`: the ELBO terms of a model
+    that has them, FID and KID when computed)."""
     rows = []
     for (model, training_seed), group in per_image.groupby(["model", "seed"], sort=False):
         row = {"model": model, "seed": training_seed}
@@ -174,7 +179,21 @@ def per_seed_table(per_image: pd.DataFrame, elbo: dict[tuple[str, int], dict[str
             stats = crossed_bootstrap(group[metric].to_numpy()[None], group["unit"].to_numpy(), samples, seed)
             row.update({metric: stats["mean"], f"{metric}_ci_low": stats["ci_low"],
                         f"{metric}_ci_high": stats["ci_high"]})
-        rows.append({**row, **elbo.get((model, training_seed), {})})
+        rows.append({**row, **extra.get((model, training_seed), {})})
+    return pd.DataFrame(rows)
+
+
+def set_level_rows(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """summary.csv's rows for the set-level scores (FID, KID): mean and sd over seeds, no bootstrap
+    interval (resampling images biases FID)."""
+    rows = []
+    for model, group in per_seed.groupby("model", sort=False):
+        for metric in FID_METRICS:
+            if metric in group and group[metric].notna().all():
+                values = group[metric].to_numpy()
+                rows.append({"model": model, "metric": metric, "mean": float(values.mean()),
+                             "seed_sd": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+                             "ci_low": math.nan, "ci_high": math.nan, "seeds": len(values), "units": math.nan})
     return pd.DataFrame(rows)
 
 
@@ -183,7 +202,7 @@ def _json_number(value: float) -> float | None:
 
 
 def write_results(out: MetricsDir, per_image: pd.DataFrame, per_seed: pd.DataFrame, summary: pd.DataFrame,
-                  lpips_source: str | None) -> dict:
+                  lpips_source: str | None, fid: FidStatus) -> dict:
     """eval.json (DVC metrics: each model's means over seeds), per_image.csv, per_seed.csv, summary.csv;
     returns eval.json's content."""
     models = list(dict.fromkeys(per_image["model"]))
@@ -192,14 +211,18 @@ def write_results(out: MetricsDir, per_image: pd.DataFrame, per_seed: pd.DataFra
         rows = summary[summary["model"] == model]
         seeds = per_seed[per_seed["model"] == model]
         entry = {row.metric: _json_number(row.mean) for row in rows.itertuples()}
-        entry.update({name: _json_number(seeds[name].mean()) for name in seeds.columns  # the ELBO terms
+        entry.update({name: _json_number(seeds[name].mean()) for name in seeds.columns  # ELBO terms, FID, KID
                       if name not in ("model", "seed") and not name.startswith(METRICS) and seeds[name].notna().all()})
+        if not fid.computed:
+            entry.update({"fid": None, "kid": None})
         entry["seeds"] = [int(s) for s in seeds["seed"]]
         result[model] = entry
     result.update({"interval": INTERVAL, "lpips_available": lpips_source is not None,
-                   "lpips_backbone": lpips_source})
+                   "lpips_backbone": lpips_source, "fid_kid": asdict(fid)})
     lpips_note = f"AlexNet weights: {lpips_source}" if lpips_source else "no AlexNet weights: LPIPS missing"
-    summary = summary.assign(source=np.where(summary["metric"] == "lpips", lpips_note, ""))
+    inception_note = f"Inception weights: {fid.source}, sha256 {fid.sha256}" if fid.computed else ""
+    summary = summary.assign(source=np.select([summary["metric"] == "lpips", summary["metric"].isin(FID_METRICS)],
+                                              [lpips_note, inception_note], ""))
     for frame, path in ((per_image, out.per_image), (per_seed, out.per_seed), (summary, out.summary)):
         with atomic_path(path) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6f", na_rep="NaN")
@@ -228,16 +251,18 @@ def evaluate(params: Params, data_dir: Path, models_root: Path, out: MetricsDir)
     device = pick_device(params.train.device)
     test, units = load_split(data_dir, "test"), read_test_units(data_dir)
     lpips_model, lpips_source = lpips_or_none(device, params.eval.require_lpips)
+    fid = FidStatus.read(out.inception_test)
+    scorer = GenerationScorer(fid, out.inception_test / "features.npy", out.inception_models, device, params.seed)
     trainings = [ModelDir.of(models_root, config, seed) for config, seed in params.trainings()]
-    frames, elbo = [], {}
+    frames, extra = [], {}
     for training in tqdm(trainings, desc="evaluate", unit="model", disable=None):
         model = load_model(training.best, params.data.image_size)[0]
         key = (training.config, training.seed)
-        if terms := model.elbo(test_loss_terms(model, test, params.eval.batch_size, device, params.seed)):
-            elbo[key] = terms
+        extra[key] = model.elbo(test_loss_terms(model, test, params.eval.batch_size, device, params.seed)) or {}
         recon = reconstruct_all(model, test, params.eval.batch_size, device)
         with atomic_path(out.reconstructions(*key)) as tmp, open(tmp, "wb") as f:
             np.save(f, recon)
+        extra[key].update(scorer.score(*key, model, recon))
         scores = score_images(recon, test, params.eval.batch_size, lpips_model, device)
         scores.insert(0, "model", training.config)
         scores.insert(1, "seed", training.seed)
@@ -245,8 +270,11 @@ def evaluate(params: Params, data_dir: Path, models_root: Path, out: MetricsDir)
         scores.insert(3, "unit", units)
         frames.append(scores)
     per_image = pd.concat(frames, ignore_index=True)
-    per_seed = per_seed_table(per_image, elbo, params.eval.bootstrap_samples, params.seed)
-    summary = summarize(per_image, units, params.eval.bootstrap_samples, params.seed)
-    result = write_results(out, per_image, per_seed, summary, lpips_source)
-    log_test_results(params, trainings, out, per_seed, summary, lpips_source, read_manifest(data_dir)["sha256"])
+    scorer.write_index(extra)
+    per_seed = per_seed_table(per_image, extra, params.eval.bootstrap_samples, params.seed)
+    summary = pd.concat([summarize(per_image, units, params.eval.bootstrap_samples, params.seed),
+                         set_level_rows(per_seed)], ignore_index=True)
+    result = write_results(out, per_image, per_seed, summary, lpips_source, fid)
+    log_test_results(params, trainings, out, per_seed, summary, lpips_source, fid.tag(),
+                     read_manifest(data_dir)["sha256"])
     return result

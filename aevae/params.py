@@ -73,6 +73,8 @@ class EvalParams(_Section):
     batch_size: int = Field(100, ge=1)
     bootstrap_samples: int = Field(2000, ge=100)
     require_lpips: bool = False
+    fid: Literal["auto"] | bool = "auto"  # FID/KID: auto = only on CUDA (Inception-v3 is slow on a CPU)
+    require_fid: bool = False
 
 
 class ReportParams(_Section):

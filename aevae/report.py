@@ -17,7 +17,7 @@ import pandas as pd
 
 from aevae.checkpoints import load_model
 from aevae.data import load_split, read_manifest, read_test_units
-from aevae.display import HIGHER_IS_BETTER, INTERVAL_METHOD, LABELS, METRICS, STUDY_METRICS, fmt
+from aevae.display import HIGHER_IS_BETTER, INTERVAL_METHOD, LABELS, METRICS, SET_METRICS, STUDY_METRICS, fmt
 from aevae.document import Section, write_report
 from aevae.figures import draw_samples, grid_picks, plot_curves
 from aevae.files import MetricsDir, ModelDir, atomic_path
@@ -73,10 +73,25 @@ def _cell(s: pd.Series, metric: str) -> str:
     return text
 
 
+def _set_cell(summary: pd.DataFrame, model: str, metric: str) -> str:
+    """A set-level score's cell: `mean ± seed sd`, KID with its sd over subsets; a model without a prior has
+    no sample scores."""
+    found = summary[(summary["model"] == model) & (summary["metric"] == metric)]
+    if found.empty:
+        return "no prior" if metric.startswith("sample_") else "n/a"
+    text = _cell(found.iloc[0], metric)
+    subsets = summary[(summary["model"] == model) & (summary["metric"] == f"{metric}_std")]
+    return text + (f" (subsets sd {fmt(subsets['mean'].iloc[0], metric)})" if not subsets.empty else "")
+
+
 def metric_table(summary: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
-    """The study's table (Metric | AE | VAE ...), each cell `mean ± seed sd [95% interval]`."""
-    return pd.DataFrame([{"Metric": LABELS[metric], **{label: _cell(_row(summary, name, metric), metric)
-                                                      for name, label in labels.items()}} for metric in METRICS])
+    """The study's table (Metric | AE | VAE ...), each cell `mean ± seed sd [95% interval]`; FID and KID
+    below when they were computed."""
+    rows = [{"Metric": LABELS[metric], **{label: _cell(_row(summary, name, metric), metric)
+                                          for name, label in labels.items()}} for metric in METRICS]
+    rows += [{"Metric": LABELS[metric], **{label: _set_cell(summary, name, metric) for name, label in labels.items()}}
+             for metric in SET_METRICS if (summary["metric"] == metric).any()]
+    return pd.DataFrame(rows)
 
 
 def paired_table(summary: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
@@ -177,6 +192,20 @@ def rate_distortion_points(per_seed: pd.DataFrame, trained: list[Trained]) -> tu
     rated = points[has_rate].sort_values("kl_nats", ascending=False).reset_index(drop=True)
     rated["psnr_db_per_kl_nat"] = rated["psnr"].diff() / rated["kl_nats"].diff()
     return rated, points[~has_rate].reset_index(drop=True)
+
+
+def fid_sentences(result: dict) -> list[str]:
+    """What the FID/KID rows mean, where their weights came from, or why they are missing (eval.json's fid_kid)."""
+    status, n = result["fid_kid"], result["test_images"]
+    if not status["computed"]:
+        return [f"FID and KID: {status['status']}."]
+    return [f"rFID and rKID compare each model's reconstructions with the {n} test images, Sample FID and KID as many "
+            f"images decoded from seeded prior draws, on Inception-v3 pool features (weights: {status['source']}, "
+            f"sha256 {status['sha256'][:12]}...; {status['preprocessing']}). FID is biased upward when the sets are "
+            f"small (published FIDs use 50,000 images; Binkowski et al. 2018): with {n} images these values sit well "
+            "above what the same models would score on 50,000, so compare them only with each other on this test "
+            "set. KID is unbiased at any size, which is why it is here; its subsets sd is over "
+            "random subsets of half the images. Every feature set is in metrics/inception/."]
 
 
 def elbo_sentences(trained: list[Trained], result: dict) -> list[str]:
@@ -310,7 +339,7 @@ def _sections(params, manifest, trained, tables, summary, worst_titles, result, 
             f"{manifest['counts']['test']} test images in {units} independent units; {seed_words}. Interval "
             f"method: {INTERVAL_METHOD}, {params.eval.bootstrap_samples} resamples. PSNR is computed per image "
             "(data range 1) and then averaged; SSIM uses the Gaussian 11x11, sigma 1.5 window; MSE is per pixel; "
-            f"{lpips_note}", *elbo_sentences(trained, result)], table=table),
+            f"{lpips_note}", *fid_sentences(result), *elbo_sentences(trained, result)], table=table),
         Section("Paired differences", [
             "Each model's score minus another's on the same test image and the same training seed, averaged; "
             "interval as above."], table=pairs),

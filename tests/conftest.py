@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -217,3 +218,22 @@ def train_command(params: Path | str, data: Path | str, models: Path | str, mode
 
     return [sys.executable, str(REPO / "stages/train.py"), "--model", model, "--seed", str(seed),
             "--params", str(params), "--data", str(data), "--models", str(models)]
+
+
+SLURM_INSTALL = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
+
+
+@pytest.fixture
+def slurm_cluster(tmp_path: Path):
+    """A running one-node Slurm cluster under tmp_path/slurm, stopped after the test. Without Slurm (or
+    root, which its daemons need) the test skips, except under CI (.ci/run installs it), where it fails."""
+    from tests.slurm_cluster import SlurmCluster
+
+    missing = None if SlurmCluster.is_installed() else f"Slurm is not installed ({SLURM_INSTALL})"
+    missing = missing or (None if os.geteuid() == 0 else "the test cluster runs its daemons and jobs as root")
+    if missing and os.environ.get("CI"):
+        pytest.fail(f"{missing}; CI must be able to run it")
+    if missing:
+        pytest.skip(missing)
+    with SlurmCluster(tmp_path / "slurm") as running:
+        yield running

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aevae import AevaeError
 from aevae.data import load_split
 from aevae.files import atomic_path, write_text
 from aevae.hardware import cpu_isa, pick_device
@@ -51,7 +53,11 @@ class FidStatus:
 
     @classmethod
     def read(cls, folder: Path) -> FidStatus:
-        return cls(**json.loads((folder / "inception.json").read_text(encoding="utf-8")))
+        try:
+            return cls(**json.loads((folder / "inception.json").read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise AevaeError(f"{folder / 'inception.json'} not found: run the features stage first "
+                             "(dvc repro features)") from None
 
     def write(self, folder: Path) -> None:
         write_text(folder / "inception.json", json.dumps(asdict(self), indent=2) + "\n")
@@ -107,9 +113,12 @@ def extract_test_features(params: Params, data_dir: Path, out: Path) -> FidStatu
                                   f"{_device_words(device)})", _device_words(device),
                            seconds_per_image=round(cost, 4), test_images=len(test), **inception.describe())
     else:
+        start = time.perf_counter()
         features = inception.features(test, device, desc="inception: test images")
+        cost = (time.perf_counter() - start) / max(1, len(test))
         save_features(features, out / "features.npy")
-        status = FidStatus(True, "computed", _device_words(device), test_images=len(test), **inception.describe())
+        status = FidStatus(True, "computed", _device_words(device), seconds_per_image=round(cost, 4),
+                           test_images=len(test), **inception.describe())
     log.info(status.note())
     status.write(out)
     return status

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from aevae import AevaeError
-from aevae.display import METRICS, STUDY_METRICS, TRAINING_PARAMS
+from aevae.display import METRICS, SET_METRICS, STUDY_METRICS, TRAINING_PARAMS
 from aevae.files import atomic_path
 from aevae.store import EXPERIMENT, existing_experiment_id, store_error
 
@@ -59,6 +59,9 @@ def run_table(runs: pd.DataFrame) -> pd.DataFrame:
         table[key] = runs.get(f"params.{key}")
     for metric in (*(f"test_{m}" for m in STUDY_METRICS), "best_val_loss"):
         table[metric] = _metric(runs, metric)
+    for metric in (f"test_{m}" for m in SET_METRICS):  # FID/KID, where an evaluation computed them
+        if f"metrics.{metric}" in runs:
+            table[metric] = _metric(runs, metric)
     return table
 
 

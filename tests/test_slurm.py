@@ -16,17 +16,18 @@ import yaml
 
 from tests.conftest import TINY, copy_project, exp_metrics, merged, run
 
-# Two configurations x two seeds, one thread per training: Slurm runs two at once on two cores, and a local
-# `dvc repro` of the same commit must give the same numbers.
+# The VAE at two seeds, one thread per training: Slurm runs both at once on two cores, and a local
+# `dvc repro` of the same commit must give the same numbers. (One configuration keeps CI short; the array
+# has a task per stage whatever their number, as the dry run's four stages show.)
 STUDY = merged(TINY, {"train": {"seeds": [0, 1], "threads": 1}})
-CONFIGS = ("ae", "vae")
+CONFIGS = ("vae",)
 
 
-def study_project(root: Path, env: dict[str, str]) -> Path:
+def study_project(root: Path, env: dict[str, str], configs: tuple[str, ...] = CONFIGS) -> Path:
     """A committed tiny study with a DVC remote (a folder: on a cluster, a shared path or a URL)."""
     repo = copy_project(root / "repo", STUDY)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["models"] = {name: params["models"][name] for name in CONFIGS}
+    params["models"] = {name: params["models"][name] for name in configs}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo, env)
     run(["dvc", "remote", "add", "-d", "storage", str(root / "dvc-remote")], repo, env)
@@ -55,7 +56,7 @@ def test_without_sbatch_the_command_says_so_in_one_line(tmp_path, env):
 
 
 def test_dry_run_prints_the_scripts_and_refuses_what_jobs_could_not_see(tmp_path, env):
-    repo = study_project(tmp_path, env)
+    repo = study_project(tmp_path, env, ("ae", "vae"))
     result = aevae(["slurm", "submit", "--dry-run", "--gpus", "1", "--time", "02:00:00", "--name", "s"], repo, env)
     assert result.returncode == 0, result.stderr
     scripts = result.stdout
@@ -103,14 +104,14 @@ def test_a_study_on_slurm_equals_a_local_repro_and_never_trains_twice(slurm_clus
     study = json.loads((workdir / "first/study.json").read_text())
     records = slurm_cluster.job_records()
     tasks = {int(r["ArrayTaskId"]): r for r in records if r.get("ArrayJobId") == study["jobs"]["train"]}
-    assert sorted(tasks) == list(range(len(study["trainings"]))) == [0, 1, 2, 3]
+    assert study["trainings"] == ["train@vae-0", "train@vae-1"] and sorted(tasks) == [0, 1]
     assert all(r["JobState"] == "COMPLETED" and r["Name"] == "aevae-train" for r in tasks.values())
-    assert len({r["JobId"] for r in tasks.values()}) == 4
+    assert len({r["JobId"] for r in tasks.values()}) == 2
     for index, stage in enumerate(study["trainings"]):
         log = (workdir / f"first/logs/train-{study['jobs']['train']}_{index}.out").read_text()
         assert f"Running stage '{stage}'" in log and "Running stage 'train@" not in log.replace(stage, "")
     final = (workdir / f"first/logs/final-{study['jobs']['final']}.out").read_text()
-    assert "Running stage 'train@" not in final and final.count("is cached - skipping run") >= 5  # prepare too
+    assert "Running stage 'train@" not in final and final.count("is cached - skipping run") >= 3  # prepare too
 
     # The final report's metrics equal the local repro's, and nothing was trained twice.
     found = exp_metrics(repo, env)
@@ -118,16 +119,16 @@ def test_a_study_on_slurm_equals_a_local_repro_and_never_trains_twice(slurm_clus
         for metric in ("psnr", "ssim", "lpips", "mse"):
             assert found["first"][config][metric] == reference[config][metric], (config, metric)
     store = env["MLFLOW_TRACKING_URI"]
-    assert training_runs(store) == [("ae", 0), ("ae", 1), ("vae", 0), ("vae", 1)]
+    assert training_runs(store) == [("vae", 0), ("vae", 1)]
 
     # A second submission of the same commit restores every training from the run-cache.
     result = aevae(["slurm", "submit", "--name", "second", "--workdir", str(workdir), "--wait"], repo, env)
     assert result.returncode == 0, result.stdout + result.stderr
     second = json.loads((workdir / "second/study.json").read_text())
-    for index in range(4):
+    for index in range(2):
         log = (workdir / f"second/logs/train-{second['jobs']['train']}_{index}.out").read_text()
         assert "Running stage 'train@" not in log and f"Stage '{second['trainings'][index]}' is cached" in log
-    assert training_runs(store) == [("ae", 0), ("ae", 1), ("vae", 0), ("vae", 1)]
+    assert training_runs(store) == [("vae", 0), ("vae", 1)]
     found = exp_metrics(repo, env)
     assert {c: found["second"][c] for c in CONFIGS} == {c: found["first"][c] for c in CONFIGS}
 

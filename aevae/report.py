@@ -359,6 +359,8 @@ def _sections(params, manifest, trained, tables, summary, worst_titles, result, 
         sections += [
             Section(f"Sampling ({names})", [
                 "Images decoded from z ~ N(0, I), the same draws for each model." + (
+                    f" Their Sample FID and KID, over {result['test_images']} such images, are in the metric "
+                    "table." if result["fid_kid"]["computed"] else "") + (
                     f" {others[0].upper()}{others[1:]} cannot do this: nothing in their training ties the code "
                     "to a known distribution, so there is no prior to draw codes from, and points between two "
                     "codes need not decode to images." if others else "")], image="samples.png"),

@@ -44,7 +44,8 @@ def free_ports(count: int) -> list[int]:
 def node_hardware() -> dict[str, str]:
     """The machine as `slurmd -C` sees it (CPUs, Boards, SocketsPerBoard, ..., RealMemory), so the node's
     declared hardware matches what slurmd registers and the controller does not drain it."""
-    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
+    slurmd = shutil.which("slurmd", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    out = subprocess.run([slurmd or "slurmd", "-C"], capture_output=True, text=True, check=True).stdout
     fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
     keys = ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
     return {key: fields[key] for key in keys if key in fields}
@@ -72,6 +73,8 @@ class SlurmCluster:
         self._socket_dir: Path | None = None  # a short directory for the sockets when root's path is too long
         self.env: dict[str, str] = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
         self.env["SLURM_CONF"] = str(self.conf)  # SLURM_* from an enclosing job would redirect sbatch's defaults
+        # The daemons live in /usr/sbin, which a non-login shell's PATH may lack.
+        self.env["PATH"] = os.pathsep.join([self.env.get("PATH", ""), "/usr/sbin", "/sbin"])
 
     @staticmethod
     def is_installed() -> bool:

@@ -17,7 +17,7 @@ from tests.conftest import REPO, train_command
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 30
+EPOCHS = 20
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def wait_for_epoch(training: subprocess.Popen, history: Path, epoch: int, timeou
 def test_metrics_survive_two_outages_and_arrive_in_order(tmp_path, env, write_params, tracking_server):
     """Outage 1 ends during training: the missed epochs arrive with the next one. Outage 2 lasts past the
     training's end: the stage warns, and `aevae sync` delivers the rest, the model and the FINISHED."""
-    params = write_params({"epochs": EPOCHS, "batch_size": 32, "data": {"image_size": 32, "builtin_size": 800},
+    params = write_params({"epochs": EPOCHS, "batch_size": 32, "data": {"image_size": 32, "builtin_size": 400},
                            "tracking": {"images_every": 5}})
     subprocess.run([sys.executable, str(REPO / "stages/prepare.py"), "--params", params, "--out", "prepared"],
                    cwd=tmp_path, env=env, check=True, capture_output=True)

@@ -194,7 +194,7 @@ def _header(study: Study, part: str, resources: Resources, output: str, stage: s
 
 
 def stage_script(study: Study, resources: Resources) -> str:
-    """The training array: task i runs study.trainings[i] (and prepare job: the same lines for `prepare`)."""
+    """The training array: task i runs study.trainings[i] (the prepare job runs the same lines for `prepare`)."""
     stages = " ".join(shlex.quote(s) for s in study.trainings)
     pick = f"stages=({stages}); stage=${{stages[$SLURM_ARRAY_TASK_ID]}}"
     return "\n".join([*_header(study, "train", resources, "train-%A_%a.out", pick), *_repro_lines(study)]) + "\n"

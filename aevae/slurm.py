@@ -156,6 +156,9 @@ def plan_study(repo: Path, params: Params, workdir: Path, *, git_url: str | None
     """The study of the current commit: every (configuration, seed) of params.yaml is a training job."""
     from aevae.store import tracking_uri
 
+    if not (repo / ".git").exists():
+        raise AevaeError(f"{repo} is not a git repository: the jobs clone a commit, so run aevae slurm submit in "
+                         "the project's git clone")
     commit = check_committed(repo)
     name = name or f"study-{commit[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):

@@ -41,11 +41,11 @@ def answer_child(functions: dict[str, Callable[..., dict]], prefix: str, argv: l
 
 
 def machine() -> str:
-    """This machine in words: CPU, cores, the instruction set torch's kernels use (aevae.hardware.cpu_isa:
+    """This machine in words: CPU, cores, the instruction set torch's kernels use (aevae.machine.device.cpu_isa:
     torch's vector capability plus native bf16 units), torch, Python and OS."""
     import torch
 
-    from aevae.hardware import cpu_isa
+    from aevae.machine.device import cpu_isa
 
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()

@@ -26,16 +26,16 @@ from sweep import SWEEP_HEADING, sweep_section
 
 
 def _train_images(n: int):
-    from aevae.data import load_split
+    from aevae.data.prepared import load_split
 
     return load_split(OUT / "prepared", "train")[:n]
 
 
 def configurations() -> dict[str, str]:
-    """The default study's model configurations (aevae.params.Params().models), name -> the model's label:
+    """The default study's model configurations (aevae.config.schema.Params().models), name -> the model's label:
     what the training rows measure, every kind the study trains (aevae.models.MODELS) included."""
-    from aevae.models import build_model
-    from aevae.params import Params
+    from aevae.config.schema import Params
+    from aevae.models.registry import build_model
 
     params = Params()
     return {name: build_model(name, params).label for name in params.models}
@@ -46,9 +46,9 @@ def _model_and_optimizer(config: str):
     with its Adam."""
     import torch
 
-    from aevae.models import build_model
-    from aevae.params import Params
-    from aevae.train import make_optimizer
+    from aevae.config.schema import Params
+    from aevae.models.registry import build_model
+    from aevae.train.loop import make_optimizer
 
     params = Params()
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def measure_train_ours(config: str, n: int, precision: str = "fp32") -> dict:
     """aevae's training epoch: uint8 tensors in memory, channels_last batches."""
     import torch
 
-    from aevae.train import run_epoch
+    from aevae.train.loop import run_epoch
 
     images = torch.from_numpy(_train_images(n))
     model, optimizer = _model_and_optimizer(config)
@@ -80,7 +80,7 @@ def measure_train_ceiling(config: str, n: int) -> dict:
     """
     import torch
 
-    from aevae.images import batches
+    from aevae.data.tensors import batches
 
     model, optimizer = _model_and_optimizer(config)
     model.train()
@@ -104,9 +104,9 @@ def measure_precision_quality(config: str, precision: str, n: int, epochs: int) 
     """Train `config` from the same seed in `precision`, then score the test split in fp32."""
     import torch
 
-    from aevae.data import load_split
-    from aevae.metrics import reconstruct_all, score_images
-    from aevae.train import run_epoch
+    from aevae.data.prepared import load_split
+    from aevae.evaluate.scores import reconstruct_all, score_images
+    from aevae.train.loop import run_epoch
 
     images = torch.from_numpy(_train_images(n))
     model, optimizer = _model_and_optimizer(config)
@@ -129,8 +129,8 @@ def measure_train_baseline(config: str, n: int) -> dict:
     import torchvision
     from torch.utils.data import DataLoader, Subset
 
-    from aevae.models import build_model
-    from aevae.params import Params
+    from aevae.config.schema import Params
+    from aevae.models.registry import build_model
 
     dataset = torchvision.datasets.ImageFolder(str(OUT / "folder"), transform=torchvision.transforms.ToTensor())
     torch.manual_seed(0)
@@ -155,7 +155,7 @@ def measure_train_baseline(config: str, n: int) -> dict:
 def _eval_images(n: int):
     import numpy as np
 
-    from aevae.data import load_split
+    from aevae.data.prepared import load_split
 
     test = load_split(OUT / "prepared", "train")[:n]
     rng = np.random.default_rng(0)
@@ -164,7 +164,7 @@ def _eval_images(n: int):
 
 
 def _lpips_model():
-    from aevae.lpips_model import Backbone, LPIPSUnavailable, load_lpips
+    from aevae.evaluate.lpips import Backbone, LPIPSUnavailable, load_lpips
 
     try:
         model, source = load_lpips()
@@ -182,7 +182,7 @@ def measure_eval_ours(n: int) -> dict:
     """aevae's evaluation: PSNR + SSIM + LPIPS on batches of 100, under no_grad."""
     import torch
 
-    from aevae.metrics import score_images
+    from aevae.evaluate.scores import score_images
 
     pred, target = _eval_images(n)
     model, note = _lpips_model()
@@ -196,7 +196,7 @@ def measure_eval_baseline(n: int) -> dict:
     """A notebook's evaluation: one image at a time through torchmetrics' PSNR, SSIM and LPIPS."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from aevae.images import to_unit
+    from aevae.data.tensors import to_unit
 
     pred, target = _eval_images(n)
     model, note = _lpips_model()
@@ -210,7 +210,7 @@ def measure_eval_baseline(n: int) -> dict:
 
 
 def _inception_and_images(n: int):
-    from aevae.inception import find_inception
+    from aevae.evaluate.inception import find_inception
 
     images = _eval_images(n)[1]
     return find_inception(download=False), images
@@ -231,7 +231,7 @@ def measure_inception_baseline(n: int) -> dict:
     """A notebook's extraction: the same network and preprocessing, one image at a time, under no_grad."""
     import torch
 
-    from aevae.inception import stylegan3_input
+    from aevae.evaluate.inception import stylegan3_input
 
     inception, images = _inception_and_images(n)
     net = inception.net.eval()
@@ -243,8 +243,8 @@ def measure_inception_baseline(n: int) -> dict:
 
 
 def measure_prepare_ours(n: int) -> dict:
-    from aevae.data import prepare
-    from aevae.params import DataParams
+    from aevae.config.schema import DataParams
+    from aevae.data.prepare import prepare
 
     start = time.perf_counter()
     prepare(DataParams(source="folder", path=str(OUT / "jpegs")), seed=0, out=OUT / "prepared_jpegs")
@@ -290,8 +290,9 @@ def setup(n_train: int, n_jpegs: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from aevae.data import load_split, prepare
-    from aevae.params import DataParams
+    from aevae.config.schema import DataParams
+    from aevae.data.prepare import prepare
+    from aevae.data.prepared import load_split
 
     OUT.mkdir(parents=True, exist_ok=True)
     prepare(DataParams(builtin_size=max(n_train * 10 // 8 + 10, 300)), seed=0, out=OUT / "prepared")
@@ -367,7 +368,7 @@ def precision_section(n: int = 1024) -> str:
     """Our training epoch in fp32 and in bf16 autocast on this CPU, and what `train.precision: auto` picks."""
     import torch
 
-    from aevae.hardware import pick_precision
+    from aevae.machine.device import pick_precision
 
     setup(n, 0)
     rows = ["| model | fp32 (images/s) | bf16 (images/s) | bf16 / fp32 |", "|---|---|---|---|"]

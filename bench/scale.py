@@ -18,7 +18,7 @@ from common import OUT as BENCH_OUT
 from common import REPO, answer_child, child, machine
 
 OUT = BENCH_OUT / "scale"
-MODEL = "vae"  # the default study's VAE configuration (aevae.params.Params().models), the largest model
+MODEL = "vae"  # the default study's VAE configuration (aevae.config.schema.Params().models), the largest model
 STEPS = 5
 
 
@@ -46,8 +46,8 @@ def generate(n: int) -> None:
 
 
 def step_prepare() -> dict:
-    from aevae.data import prepare
-    from aevae.params import DataParams
+    from aevae.config.schema import DataParams
+    from aevae.data.prepare import prepare
 
     start = time.perf_counter()
     prepared = prepare(DataParams(source="folder", path=str(OUT / "jpegs")), seed=0, out=OUT / "prepared")
@@ -58,14 +58,14 @@ def step_load_and_train() -> dict:
     """What the training stage holds: the train and val arrays in memory, plus a few real steps."""
     import torch
 
-    from aevae.data import load_split
-    from aevae.images import batches
-    from aevae.models import build_model
-    from aevae.params import Params
-    from aevae.train import make_optimizer
+    from aevae.config.schema import Params
+    from aevae.data.prepared import load_split
+    from aevae.data.tensors import batches
+    from aevae.models.registry import build_model
+    from aevae.train.loop import make_optimizer
 
     start = time.perf_counter()
-    # As aevae.train.load_training_data holds them: (N, H, W, 3) uint8 tensors over the loaded arrays.
+    # As aevae.train.stage.load_training_data holds them: (N, H, W, 3) uint8 tensors over the loaded arrays.
     train_x, val_x = (torch.from_numpy(load_split(OUT / "prepared", s)) for s in ("train", "val"))
     loaded = time.perf_counter() - start
     params = Params()

@@ -1,16 +1,14 @@
 """DVC stage `features`: the test split -> its Inception-v3 features for FID/KID (once per data version)."""
 
-import sys
 from pathlib import Path
 
-# This checkout's aevae, not an installed copy (see stages/evaluate.py).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _checkout  # noqa: F401 - first: this checkout's aevae
+import click
 
-import click  # noqa: E402
-
-from aevae.cli import data_option, params_option, run  # noqa: E402
-from aevae.fid import extract_test_features  # noqa: E402
-from aevae.params import load_params  # noqa: E402
+from aevae.commands.entry import data_option, params_option, run
+from aevae.config.load import load_params
+from aevae.evaluate.features import extract_test_features
+from aevae.evaluate.params import load_eval_params
 
 
 @click.command()
@@ -22,7 +20,7 @@ def main(params_file: str, data_dir: str, out: str) -> None:
     """Extract the Inception-v3 pool features of the test images, the reference set of every FID and KID
     the evaluation computes. eval.fid decides whether they are computed (auto: on CUDA only); when they
     are not, inception.json says why, how to turn them on, and the extractor's measured cost per image."""
-    extract_test_features(load_params(params_file), Path(data_dir), Path(out))
+    extract_test_features(load_params(params_file), load_eval_params(params_file), Path(data_dir), Path(out))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,14 @@
 """DVC stage `prepare`: images -> data/prepared/{train,val,test}.npy + manifest.json."""
 
-import sys
+import logging
 from pathlib import Path
 
-# This checkout's aevae, not an installed copy: inside `dvc exp run` the stage runs in DVC's copy of the
-# commit under test, and must run that commit's code.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _checkout  # noqa: F401 - first: this checkout's aevae
+import click
 
-import logging  # noqa: E402
-
-import click  # noqa: E402
-
-from aevae.cli import params_option, run  # noqa: E402
-from aevae.data import prepare  # noqa: E402
-from aevae.params import load_params  # noqa: E402
+from aevae.commands.entry import params_option, run
+from aevae.config.load import load_params
+from aevae.data.prepare import prepare
 
 log = logging.getLogger("prepare")
 

@@ -1,23 +1,20 @@
 """DVC stage `report`: metrics/ + models/ -> reports/ (figures, tables, report.md and report.html)."""
 
-import sys
+import logging
 from pathlib import Path
 
-# This checkout's aevae, not an installed copy: inside `dvc exp run` the stage runs in DVC's copy of the
-# commit under test, and must run that commit's code.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _checkout  # noqa: F401 - first: this checkout's aevae
+import click
 
-import logging  # noqa: E402
-
-import click  # noqa: E402
-
-from aevae.cli import data_option, models_option, params_option, run  # noqa: E402
-from aevae.data import read_manifest  # noqa: E402
-from aevae.eval_log import log_report  # noqa: E402
-from aevae.files import MetricsDir  # noqa: E402
-from aevae.params import load_params  # noqa: E402
-from aevae.report import build_report  # noqa: E402
-from aevae.runs import Pipeline  # noqa: E402
+from aevae.commands.entry import data_option, models_option, params_option, run
+from aevae.config.load import load_params
+from aevae.data.prepared import read_manifest
+from aevae.evaluate.params import load_eval_params
+from aevae.report.build import build_report
+from aevae.report.params import load_report_params
+from aevae.results.metrics_dir import MetricsDir
+from aevae.tracking.provenance import Pipeline
+from aevae.tracking.runs import log_files_run
 
 log = logging.getLogger("report")
 
@@ -34,8 +31,10 @@ def main(params_file: str, data_dir: str, models_dir: str, metrics_dir: str, out
     metric tables and report.md / report.html, and log them to MLflow as a `report` run under the
     pipeline's parent run."""
     params = load_params(params_file)
-    files = build_report(params, Path(data_dir), Path(models_dir), MetricsDir(Path(metrics_dir)), Path(out))
-    log_report(files, Pipeline.of(params.flat(), read_manifest(Path(data_dir))["sha256"]))
+    bootstrap_samples = load_eval_params(params_file).bootstrap_samples  # named in the report's text
+    files = build_report(params, load_report_params(params_file), bootstrap_samples, Path(data_dir),
+                         Path(models_dir), MetricsDir(Path(metrics_dir)), Path(out))
+    log_files_run("report", files, Pipeline.of(params.flat(), read_manifest(Path(data_dir))["sha256"]), "report")
     log.info("wrote %s: %s", out, ", ".join(p.name for p in files))
 
 

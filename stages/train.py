@@ -1,18 +1,14 @@
 """DVC stage `train@<configuration>-<seed>`: data/prepared -> models/<configuration>/seed<seed>/."""
 
-import sys
 from pathlib import Path
 
-# This checkout's aevae, not an installed copy: inside `dvc exp run` the stage runs in DVC's copy of the
-# commit under test, and must run that commit's code.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _checkout  # noqa: F401 - first: this checkout's aevae
+import click
 
-import click  # noqa: E402
-
-from aevae.cli import data_option, models_option, params_option, run  # noqa: E402
-from aevae.files import ModelDir  # noqa: E402
-from aevae.params import load_params  # noqa: E402
-from aevae.train import train  # noqa: E402
+from aevae.commands.entry import data_option, models_option, params_option, run
+from aevae.config.load import load_params
+from aevae.files.model_dir import ModelDir
+from aevae.train.stage import train
 
 
 @click.command()

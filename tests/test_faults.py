@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from aevae import AevaeError
-from aevae.data import prepare
-from aevae.files import ModelDir
-from aevae.params import load_params
-from aevae.train import train
+from aevae.config.load import load_params
+from aevae.data.prepare import prepare
+from aevae.files.model_dir import ModelDir
+from aevae.train.stage import train
 from tests.conftest import train_command
 
 pytestmark = pytest.mark.slow

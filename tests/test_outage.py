@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, train_command
+from tests.conftest import REPO, project_env, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +21,7 @@ EPOCHS = 20
 
 @pytest.fixture
 def env(tmp_path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", TQDM_DISABLE="1", TORCH_HOME=str(tmp_path / "torch"))
-    return env
+    return project_env(tmp_path)
 
 
 def history_rows(path: Path) -> int:
@@ -79,7 +76,7 @@ def test_metrics_survive_two_outages_and_arrive_in_order(tmp_path, env, write_pa
     assert len(pending) == 1
 
     tracking_server.start()
-    synced = subprocess.run([sys.executable, "-c", "from aevae.commands import main; main()", "sync"],
+    synced = subprocess.run([sys.executable, "-c", "from aevae.commands.main import main; main()", "sync"],
                             cwd=tmp_path, env=env, capture_output=True, text=True)
     assert synced.returncode == 0, synced.stderr[-3000:]
     assert "1 run(s) completed" in synced.stdout

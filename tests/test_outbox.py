@@ -1,4 +1,4 @@
-"""aevae.outbox: what a run could not log waits, in order, in pending_dir()/<run id>.jsonl, and arrives once
+"""aevae.tracking.outbox: what a run could not log waits, in order, in pending_dir()/<run id>.jsonl, and arrives once
 when the store answers again. Real stores: a dead local port (nothing listens) and a sqlite store."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import mlflow
 import pytest
 from filelock import FileLock
 
-from aevae.files import pending_dir
-from aevae.outbox import Outbox, deliver_pending
-from aevae.store import artifact_location
+from aevae.tracking.outbox import Outbox, deliver_pending, pending_dir
+from aevae.tracking.store import artifact_location
 
 STEPS = {1: 0.5, 2: 0.25, 3: 0.125}
 
@@ -21,7 +20,7 @@ STEPS = {1: 0.5, 2: 0.25, 3: 0.125}
 @pytest.fixture
 def point_at(monkeypatch):
     """Point MLflow at `uri` as a stage sees it: MLFLOW_TRACKING_URI, and mlflow's process-wide URI (which an
-    earlier in-process test or aevae.store.open_store may have set, and which wins over the variable)."""
+    earlier in-process test or aevae.tracking.store.open_store may have set, and which wins over the variable)."""
 
     def point(uri: str) -> None:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

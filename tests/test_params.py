@@ -3,15 +3,22 @@ from pathlib import Path
 import pytest
 
 from aevae import AevaeError
-from aevae.params import Params, load_params
+from aevae.config.load import load_params
+from aevae.config.schema import Params
+from aevae.evaluate.params import EvalParams, load_eval_params
+from aevae.report.params import ReportParams, load_report_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_repository_params_load_and_match_the_documented_defaults():
     params = load_params(REPO / "params.yaml")
-    assert params == Params()  # params.yaml and the typed defaults must not drift apart
+    # params.yaml and the typed defaults must not drift apart; eval: and report: are checked by their stages
+    assert params.model_copy(update={"eval": {}, "report": {}}) == Params()
     assert params.lr == 0.002 and params.data.image_size == 64
+    assert load_eval_params(REPO / "params.yaml") == EvalParams()
+    assert load_report_params(REPO / "params.yaml") == ReportParams()
+    assert params.eval == EvalParams().model_dump() and params.report == ReportParams().model_dump()
 
 
 def test_flat_names_match_dvc_keys():
@@ -47,6 +54,28 @@ def test_bad_params_are_rejected_with_the_key_named(write_params, overrides, mes
     assert message in str(err.value)
     assert "\n" not in str(err.value)
     assert "{'" not in str(err.value)  # one line that names the key, not a dump of the whole section
+
+
+@pytest.mark.parametrize(
+    ("load", "overrides", "message"),
+    [
+        (load_eval_params, {"eval": {"bootstrap_sample": 500}}, "unknown key 'eval.bootstrap_sample' (a typo?)"),
+        (load_eval_params, {"eval": {"fid": "sometimes"}}, "Input should be 'auto'"),
+        (load_eval_params, {"eval": {"bootstrap_samples": 10}}, "eval.bootstrap_samples: Input should be greater"),
+        (load_eval_params, {"eval": [1, 2]}, "eval must be a mapping of keys to values"),
+        (load_report_params, {"report": {"grid_images": 0}}, "report.grid_images: Input should be greater"),
+        (load_report_params, {"report": {"colour": "red"}}, "unknown key 'report.colour'"),
+    ],
+)
+def test_the_eval_and_report_sections_are_checked_by_their_stages_with_the_key_named(write_params, load, overrides,
+                                                                                  message):
+    """Checked where they are read (aevae.evaluate.params, aevae.report.params), so that the schema every
+    training imports holds no evaluation or report option: adding one retrains nothing."""
+    path = write_params(overrides)
+    with pytest.raises(AevaeError) as err:
+        load(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{path}: ")
 
 
 def test_missing_and_malformed_files(tmp_path):

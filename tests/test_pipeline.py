@@ -5,24 +5,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
-import warnings
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
-from aevae.images import GAP, TILE_SCALE
-from aevae.inception import FID_HELPER_SHA256, fid_helper_file
-from tests.conftest import MODELS, copy_project, exp_metrics, run
+from aevae.evaluate.inception import FID_HELPER_SHA256, fid_helper_file
+from aevae.report.grid import GAP, TILE_SCALE
+from tests.conftest import MODELS, copy_project, exp_metrics, project_env, run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -30,14 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    """The venv first on PATH (stage commands call `python`), no LPIPS weights, no network."""
-    torch_home = tmp_path_factory.mktemp("torch_home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", TORCH_HOME=str(torch_home),
-               MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",  # the tiny trainings last seconds, not minutes
-               https_proxy="http://127.0.0.1:9", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    return env
+    return project_env(tmp_path_factory.mktemp("env"))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def repo(tmp_path_factory, env) -> Path:
     run(["git", "add", "-A"], dst, env)
     run(["git", "commit", "-qm", "tiny"], dst, env)
     run(["dvc", "repro"], dst, env)
-    run(["git", "add", "-A"], dst, env)  # dvc.lock and the .gitignore files DVC wrote, as the README says
+    run(["git", "add", "-A"], dst, env)  # dvc.lock and DVC's .gitignore files, as docs/pipeline.md says
     run(["git", "commit", "-qm", "baseline"], dst, env)
     return dst
 
@@ -113,7 +103,7 @@ def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(repo, torchvisio
     """The per-image LPIPS evaluation wrote, recomputed by torchmetrics with the same real weights."""
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    from aevae.images import to_unit
+    from aevae.data.tensors import to_unit
 
     metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True, reduction="sum")
     per_image = pd.read_csv(repo / "metrics/per_image.csv")
@@ -202,8 +192,8 @@ def test_the_logged_mlflow_model_reconstructs_exactly_as_best_pt(repo):
     """mlflow.pytorch.load_model on runs:/<run id>/model: the test images' reconstructions, bit for bit."""
     import torch
 
-    from aevae.checkpoints import load_model
-    from aevae.images import to_uint8, to_unit
+    from aevae.data.tensors import to_uint8, to_unit
+    from aevae.models.checkpoints import load_model
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     test = to_unit(np.load(repo / "data/prepared/test.npy"))
@@ -243,9 +233,51 @@ def test_second_repro_does_nothing(repo, env):
     assert "Running stage" not in out and "up to date" in out
 
 
+# Outside every training's import closure: an edit to any of these must leave every train@ stage up to date
+# (the report, its figures, the intervals, the LPIPS/Inception weight lookup, FID, Slurm, the commands,
+# compare, the metric names, and the eval:/report: schemas).
+NOT_TRAINING = ("aevae/report/build.py", "aevae/report/figures.py", "aevae/report/grid.py",
+                "aevae/evaluate/intervals.py", "aevae/evaluate/weights.py", "aevae/evaluate/lpips.py",
+                "aevae/evaluate/inception.py", "aevae/evaluate/fid.py", "aevae/evaluate/stage.py",
+                "aevae/cluster/jobs.py", "aevae/commands/main.py", "aevae/commands/compare.py", "aevae/compare/runs.py",
+                "aevae/results/names.py", "aevae/evaluate/params.py", "aevae/report/params.py")
+TRAINING = ("aevae/models/vae.py", "aevae/models/contract.py", "aevae/train/loop.py", "aevae/train/stage.py")
+
+
+def stale_stages(repo: Path, env: dict[str, str]) -> set[str]:
+    return set(json.loads(run(["dvc", "status", "--json"], repo, env).stdout))
+
+
+def test_an_edit_reruns_only_the_stages_whose_code_it_changes(repo, env):
+    """What `dvc status` says after an edit, as a user would make it: one comment line appended."""
+    assert stale_stages(repo, env) == set()
+    trainings = {f"train@{config}-0" for config in MODELS}
+    originals = {path: (repo / path).read_text() for path in (*NOT_TRAINING, *TRAINING, "params.yaml")}
+    try:
+        for path in NOT_TRAINING:
+            (repo / path).write_text(originals[path] + "\n# an edit\n")
+        # ... and a new evaluation option, in the eval: schema and in params.yaml
+        (repo / "aevae/evaluate/params.py").write_text(originals["aevae/evaluate/params.py"].replace(
+            "    require_fid: bool = False\n", "    require_fid: bool = False\n    new_option: bool = False\n"))
+        (repo / "params.yaml").write_text(originals["params.yaml"].replace("eval:\n", "eval:\n  new_option: false\n"))
+        stale = stale_stages(repo, env)
+        assert stale >= {"features", "evaluate", "report"}, stale  # the edits took
+        assert not {stage for stage in stale if stage.startswith("train@")}, stale
+        for path in NOT_TRAINING + ("params.yaml",):
+            (repo / path).write_text(originals[path])
+        for path in TRAINING:  # each of these alone retrains every model
+            (repo / path).write_text(originals[path] + "\n# an edit\n")
+            assert stale_stages(repo, env) >= trainings, path
+            (repo / path).write_text(originals[path])
+    finally:
+        for path, text in originals.items():
+            (repo / path).write_text(text)
+    assert stale_stages(repo, env) == set()
+
+
 def test_changing_only_reconstruct_reruns_evaluation(repo, env):
     """The graph is true: a change to the code evaluation runs makes its metrics stale, and DVC sees it."""
-    models = repo / "aevae/models.py"
+    models = repo / "aevae/models/vae.py"
     original = models.read_text()
     before = json.loads((repo / "metrics/eval.json").read_text())
     reconstruct = "return self.decode(self.latent_mean(x))"
@@ -254,7 +286,7 @@ def test_changing_only_reconstruct_reruns_evaluation(repo, env):
     models.write_text(halved)
     try:
         status = json.loads(run(["dvc", "status", "--json"], repo, env).stdout)
-        assert "aevae/models.py" in json.dumps(status["evaluate"])
+        assert "aevae/models/vae.py" in json.dumps(status["evaluate"])
         run(["dvc", "repro", "--single-item", "evaluate"], repo, env)
         after = json.loads((repo / "metrics/eval.json").read_text())
         assert abs(after["vae"]["psnr"] - before["vae"]["psnr"]) > 0.1  # half as bright: re-measured, not stale
@@ -304,14 +336,17 @@ def test_registering_the_models_is_one_param_and_trains_nothing(repo, env):
 
 
 
-def scipy_fid(real: np.ndarray, fake: np.ndarray) -> float:
-    """FID from two feature sets, computed independently of torchmetrics (Heusel et al. 2017, eq. 6)."""
-    real, fake = real.astype(np.float64), fake.astype(np.float64)
-    cov_real, cov_fake = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
-    with warnings.catch_warnings():  # fewer images than features: both covariances are singular, as in any
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # small-set FID; sqrtm still converges
-        root = scipy.linalg.sqrtm(cov_real @ cov_fake).real
-    return float(((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(cov_real + cov_fake - 2 * root))
+def numpy_fid(real: np.ndarray, fake: np.ndarray) -> float:
+    """FID from two feature sets, computed independently of torchmetrics (Heusel et al. 2017, eq. 6):
+    ||mu_r - mu_f||^2 + tr(S_r) + tr(S_f) - 2 tr sqrt(S_r S_f). With fewer images than features, the nonzero
+    eigenvalues of S_r S_f are those of the small symmetric matrix (B A^T)(A B^T) / ((n-1)(m-1)) of the
+    centred features A, B: exact, and milliseconds instead of scipy's sqrtm of a 2048 x 2048 product."""
+    a, b = real.astype(np.float64) - real.mean(0), fake.astype(np.float64) - fake.mean(0)
+    n, m = len(real) - 1, len(fake) - 1
+    cross = b @ a.T
+    root = np.sqrt(np.clip(np.linalg.eigvalsh(cross @ cross.T / (n * m)), 0, None)).sum()
+    distance = ((real.astype(np.float64).mean(0) - fake.astype(np.float64).mean(0)) ** 2).sum()
+    return float(distance + (a * a).sum() / n + (b * b).sum() / m - 2 * root)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -327,11 +362,9 @@ def test_fid_is_one_param_that_trains_nothing_and_recomputes_from_the_saved_feat
         for config in MODELS:
             recon = np.load(repo / f"metrics/inception/models/reconstructions/{config}/seed0.npy")
             assert recon.shape == test.shape and result[config]["fid"] > 0 and result[config]["kid_std"] >= 0
-        # scipy's sqrtm of a 2048 x 2048 product takes seconds: one reconstruction set and the samples.
-        recon = np.load(repo / "metrics/inception/models/reconstructions/vae/seed0.npy")
-        assert result["vae"]["fid"] == pytest.approx(scipy_fid(test, recon), rel=1e-3)
+            assert result[config]["fid"] == pytest.approx(numpy_fid(test, recon), rel=1e-3), config
         samples = np.load(repo / "metrics/inception/models/samples/vae/seed0.npy")
-        assert result["vae"]["sample_fid"] == pytest.approx(scipy_fid(test, samples), rel=1e-3)
+        assert result["vae"]["sample_fid"] == pytest.approx(numpy_fid(test, samples), rel=1e-3)
         assert "sample_fid" not in result["ae"]  # no prior to sample from
         # The saved test features are the extractor's on the stated preprocessing, recomputed here by hand.
         script = torch.jit.load(str(fid_helper_file()), map_location="cpu").eval()
@@ -389,35 +422,35 @@ def stop_workers(repo: Path) -> None:
                 os.kill(int(pid), signal.SIGKILL)
 
 
+LR_EXPERIMENTS = {"queued-a": "0.004", "queued-b": "0.005"}
+
+
 @pytest.fixture(scope="module")
-def lr_experiments(repo, env) -> dict[str, str]:
-    """One --temp and two queued experiments (two workers), each at its own lr: experiment name -> lr; and,
-    under "temp-output", what `dvc exp run --temp` printed."""
-    experiments = {"temp-exp": "0.003", "queued-a": "0.004", "queued-b": "0.005"}
-    # --temp, like every experiment here: the workspace stays the committed baseline for the other tests.
-    temp = run(["dvc", "exp", "run", "--temp", "-n", "temp-exp", "-S", "lr=0.003", "-S", "epochs=1"], repo, env)
-    for name in ("queued-a", "queued-b"):
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"lr={experiments[name]}"], repo, env)
+def queued(repo, env) -> None:
+    """One queue session, two workers, for every queued experiment of this module: two experiments at their
+    own lr (LR_EXPERIMENTS), and a beta sweep of two experiments, models.vae.beta 0.5 and 2, each a two-seed
+    study. Queued, like every experiment here but one: the workspace stays the committed baseline."""
+    for name, lr in LR_EXPERIMENTS.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"lr={lr}"], repo, env)
+    run(["dvc", "exp", "run", "--queue", "-S", "models.vae.beta=0.5,2", "-S", "train.seeds=[0,1]"], repo, env)
     run_queue(repo, env)
-    return {**experiments, "temp-output": temp.stdout}
 
 
-def test_exp_run_with_a_param_override_retrains_every_model(repo, env, lr_experiments):
-    out = lr_experiments["temp-output"]
+def test_exp_run_with_a_param_override_retrains_every_model(repo, env, queued):
+    out = run(["dvc", "queue", "logs", "queued-a"], repo, env).stdout  # what the experiment printed
     assert all(f"Running stage 'train@{kind}-0'" in out for kind in MODELS)
     assert "Running stage 'prepare'" not in out  # the data does not depend on lr
     frame = runs(repo)
-    new = frame[frame["params.lr"] == "0.003"]
+    new = frame[frame["params.lr"] == "0.004"]
     assert sorted(new["tags.mlflow.runName"]) == ["ae-seed0", "ae_code-seed0", "vae-seed0"]
-    assert set(new["tags.dvc_exp_name"]) == {"temp-exp"}
-    assert len(runs(repo, "pipeline").query("`tags.dvc_exp_name` == 'temp-exp'")) == 1
+    assert set(new["tags.dvc_exp_name"]) == {"queued-a"}
+    assert len(runs(repo, "pipeline").query("`tags.dvc_exp_name` == 'queued-a'")) == 1
 
 
-def test_temp_and_queued_experiments_land_in_the_one_store(repo, env, lr_experiments):
+def test_queued_experiments_land_in_the_one_store(repo, env, queued):
+    """(A --temp experiment's runs: test_a_vae_only_experiment_reuses_the_committed_ae.)"""
     frame = runs(repo)
-    for name, lr in lr_experiments.items():
-        if name == "temp-output":
-            continue
+    for name, lr in LR_EXPERIMENTS.items():
         rows = frame[frame["tags.dvc_exp_name"] == name]
         assert sorted(rows["tags.mlflow.runName"]) == ["ae-seed0", "ae_code-seed0", "report", "vae-seed0"], name
         assert set(rows["status"]) == {"FINISHED"}
@@ -427,26 +460,26 @@ def test_temp_and_queued_experiments_land_in_the_one_store(repo, env, lr_experim
         assert len(parent) == 1 and set(rows["tags.mlflow.parentRunId"]) == {parent["run_id"].item()}, name
         assert parent["status"].item() == "FINISHED" and parent["params.lr"].item() == lr
     assert not list(repo.glob(".dvc/tmp/exps/**/mlflow.db"))  # nothing was left in DVC's temporary copies
-    assert {"temp-exp", "queued-a", "queued-b"} <= set(exp_metrics(repo, env))
+    assert set(LR_EXPERIMENTS) <= set(exp_metrics(repo, env))
 
 
-def test_plots_diff_shows_the_grids_of_two_experiments_side_by_side(repo, env, tmp_path, lr_experiments):
-    shown = json.loads(run(["dvc", "plots", "diff", "temp-exp", "queued-a", "--json", "-o", str(tmp_path / "plots")],
+def test_plots_diff_shows_the_grids_of_two_experiments_side_by_side(repo, env, tmp_path, queued):
+    shown = json.loads(run(["dvc", "plots", "diff", "queued-a", "queued-b", "--json", "-o", str(tmp_path / "plots")],
                            repo, env).stdout)["data"]
     for image in ("reports/grid.png", "reports/samples.png", "reports/curves.png"):
         files = {entry["revisions"][0]: Path(entry["url"]) for entry in shown[image] if entry["type"] == "image"}
-        assert set(files) == {"temp-exp", "queued-a"}, image
+        assert set(files) == {"queued-a", "queued-b"}, image
         assert all(path.stat().st_size > 1000 for path in files.values()), image
     grids = {rev: Path(e["url"]).read_bytes() for e in shown["reports/grid.png"] for rev in e["revisions"]}
-    assert grids["temp-exp"] != grids["queued-a"]  # each experiment's own grid (lr 0.003 vs 0.004)
+    assert grids["queued-a"] != grids["queued-b"]  # each experiment's own grid (lr 0.004 vs 0.005)
 
 
-def test_compare_prints_the_numbers_dvc_exp_show_has(repo, env, lr_experiments):
+def test_compare_prints_the_numbers_dvc_exp_show_has(repo, env, queued):
     out = run(["aevae", "compare", "--csv", "compare.csv"], repo, env)
     assert "test_psnr" in out.stdout
     table = pd.read_csv(repo / "compare.csv")
     shown = exp_metrics(repo, env)
-    for name in ("temp-exp", "queued-a", "queued-b"):
+    for name in LR_EXPERIMENTS:
         for kind in MODELS:
             row = table[(table["pipeline"] == name) & (table["model"] == kind)].iloc[0]
             assert row["test_psnr"] == pytest.approx(shown[name][kind]["psnr"], abs=1e-5)
@@ -486,26 +519,20 @@ def test_a_dvc_remote_shares_data_and_models(repo, env, tmp_path):
     assert "up to date" in run(["dvc", "status"], clone, env).stdout
 
 
-@pytest.fixture(scope="module")
-def beta_sweep(repo, env) -> None:
-    """Two queued experiments, models.vae.beta 0.5 and 2, each a two-seed study."""
-    run(["dvc", "exp", "run", "--queue", "-S", "models.vae.beta=0.5,2", "-S", "train.seeds=[0,1]"], repo, env)
-    run_queue(repo, env)
-
-
-def test_a_beta_sweep_of_separate_experiments_gives_the_rate_distortion_plot_and_the_seed_table(repo, env, beta_sweep):
+def test_a_beta_sweep_of_separate_experiments_gives_the_rate_distortion_plot_and_the_seed_table(repo, env, queued):
     """Across experiments (one study's own betas are in its report): aevae rate-distortion and compare --by-seed."""
     out = run(["aevae", "rate-distortion", "--out", "rd.png", "--param", "lr=0.002"], repo, env)
     assert (repo / "rd.png").stat().st_size > 10_000 and "dB per nat of KL" in out.stdout
     table = pd.read_csv(repo / "rd.csv")
-    vae = table[table["model"] == "VAE"].sort_values("beta")
-    assert vae["beta"].tolist() == [0.5, 1.0, 2.0]  # 1.0: the baseline run (seed 0) and the lr tests' none
-    assert vae.loc[vae["beta"] != 1.0, "seeds"].tolist() == [2, 2]
+    vae = table[table["rate_nats"].notna()].sort_values("model.beta")  # the models with a rate: the VAEs
+    assert vae["model.beta"].tolist() == [0.5, 1.0, 2.0]  # 1.0: the baseline run (seed 0) and the lr tests' none
+    assert vae["model"].tolist() == ["VAE beta=0.5", "VAE", "VAE beta=2"]
+    assert vae.loc[vae["model.beta"] != 1.0, "seeds"].tolist() == [2, 2]
     frame = runs(repo)
     half = frame[(frame["tags.model_config"] == "vae") & (frame["params.model.beta"] == "0.5")
                  & (frame["params.lr"] == "0.002")].drop_duplicates("params.train.seed", keep="last")
-    point = vae[vae["beta"] == 0.5].iloc[0]  # the mean over seeds of what evaluation logged
-    assert point["kl_nats"] == pytest.approx(half["metrics.test_kl_nats"].mean(), rel=1e-6)
+    point = vae[vae["model.beta"] == 0.5].iloc[0]  # the mean over seeds of what evaluation logged
+    assert point["rate_nats"] == pytest.approx(half["metrics.test_kl_nats"].mean(), rel=1e-6)
     assert point["psnr"] == pytest.approx(half["metrics.test_psnr"].mean(), rel=1e-6)
     assert point["psnr_sd"] == pytest.approx(half["metrics.test_psnr"].std(ddof=1), rel=1e-6)
     assert {"AE", "AE-16"} <= set(table["model"])
@@ -526,7 +553,7 @@ def test_commands_refuse_bad_filters_in_one_line(repo, env):
     assert "Traceback" not in result.stderr
 
 
-def test_a_configuration_trained_before_is_restored_not_trained_again(repo, env, beta_sweep):
+def test_a_configuration_trained_before_is_restored_not_trained_again(repo, env, queued):
     """DVC's run-cache: the sweep trained (beta 2, seeds 0 and 1) in a queued experiment."""
     before = runs(repo)
     out = run(["dvc", "exp", "run", "--temp", "-n", "again", "-S", "models.vae.beta=2", "-S", "train.seeds=[0,1]"],

@@ -2,9 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aevae.figures import grid_picks
-from aevae.images import GAP, TILE_SCALE, image_grid
-from aevae.report import ONE_SEED_CAVEAT, comparison_sentences
+from aevae.report.findings import ONE_SEED_CAVEAT, comparison_sentences
+from aevae.report.grid import GAP, TILE_SCALE, grid_picks, image_grid
 
 
 def tiles(n: int, size: int = 8, seed: int = 0) -> np.ndarray:

@@ -6,12 +6,13 @@ import time
 import mlflow
 import pytest
 
-from aevae import AevaeError, runs, store
+from aevae import AevaeError
+from aevae.tracking import runs, store
 
 WRITER = """
 import sys
 import mlflow
-from aevae import runs
+from aevae.tracking import runs
 n = int(sys.argv[1])
 with runs.start_run(f"w{n}", {"worker": n}, {"kind": "load"}):
     for step in range(25):

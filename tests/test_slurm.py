@@ -4,17 +4,18 @@ remote's run-cache into one DVC experiment that equals a local `dvc repro` of th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from tests.conftest import TINY, copy_project, exp_metrics, merged, run
+from tests.conftest import TINY, copy_project, exp_metrics, merged, project_env, run, slurm_cluster_at
+from tests.slurm_cluster import SlurmCluster
 
 # The VAE at two seeds, one thread per training: Slurm runs both at once on two cores, and a local
 # `dvc repro` of the same commit must give the same numbers. (One configuration keeps CI short; the array
@@ -38,13 +39,11 @@ def study_project(root: Path, env: dict[str, str], configs: tuple[str, ...] = CO
 
 @pytest.fixture
 def env(tmp_path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "GIT_AUTHOR_NAME": "t",
-            "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+    return project_env(tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 def aevae(args: list[str], repo: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from aevae.commands import main; main()", *args], cwd=repo,
+    return subprocess.run([sys.executable, "-c", "from aevae.commands.main import main; main()", *args], cwd=repo,
                           env=env, capture_output=True, text=True)
 
 
@@ -81,28 +80,46 @@ def training_runs(store: str) -> list[tuple[str, int]]:
     return sorted(zip(trainings["tags.model_config"], trainings["params.train.seed"].astype(int)))
 
 
-@pytest.mark.slow
-def test_a_study_on_slurm_equals_a_local_repro_and_never_trains_twice(slurm_cluster, tmp_path, env):
-    repo = study_project(tmp_path, env)
-    env = {**env, "SLURM_CONF": slurm_cluster.env["SLURM_CONF"]}
-    # The same commit, reproduced locally in a clone with its own cache and store, for the reference numbers.
-    local = tmp_path / "local"
-    run(["git", "clone", "-q", str(repo), str(local)], tmp_path, env)
+@dataclass
+class Submitted:
+    """The study of one commit, submitted once to a running cluster and waited for, beside a local
+    `dvc repro` of the same commit in a clone with its own cache and store (the reference numbers)."""
+
+    cluster: SlurmCluster
+    repo: Path
+    env: dict[str, str]
+    workdir: Path
+    reference: dict
+    first: dict  # study.json of the submission "first"
+
+
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory) -> Submitted:
+    root = tmp_path_factory.mktemp("slurm-study")
+    cluster_run = slurm_cluster_at(root / "slurm")
+    cluster = next(cluster_run)
+    env = project_env(root, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+                      SLURM_CONF=cluster.env["SLURM_CONF"])
+    repo = study_project(root, env)
+    local = root / "local"
+    run(["git", "clone", "-q", str(repo), str(local)], root, env)
     start = time.monotonic()
-    run(["dvc", "repro"], local, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'local.db'}"})
+    run(["dvc", "repro"], local, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'local.db'}"})
     local_seconds = time.monotonic() - start
-    reference = json.loads((local / "metrics/eval.json").read_text())
-
-    workdir = tmp_path / "studies"
-    start = time.monotonic()
+    workdir, start = root / "studies", time.monotonic()
     result = aevae(["slurm", "submit", "--name", "first", "--workdir", str(workdir), "--wait"], repo, env)
-    slurm_seconds = time.monotonic() - start
     assert result.returncode == 0, result.stdout + result.stderr
-    print(f"tiny study: local dvc repro {local_seconds:.0f} s, on the one-node Slurm cluster {slurm_seconds:.0f} s")
+    print(f"tiny study: local dvc repro {local_seconds:.0f} s, on the one-node Slurm cluster "
+          f"{time.monotonic() - start:.0f} s")
+    yield Submitted(cluster, repo, env, workdir, json.loads((local / "metrics/eval.json").read_text()),
+                    json.loads((workdir / "first/study.json").read_text()))
+    cluster_run.close()
 
-    # Each training ran as its own Slurm job: one task of the array, seen in the controller's job records.
-    study = json.loads((workdir / "first/study.json").read_text())
-    records = slurm_cluster.job_records()
+
+@pytest.mark.slow
+def test_each_training_of_a_study_is_an_array_task_of_its_own(submitted):
+    study, workdir = submitted.first, submitted.workdir
+    records = submitted.cluster.job_records()  # the controller's job records
     tasks = {int(r["ArrayTaskId"]): r for r in records if r.get("ArrayJobId") == study["jobs"]["train"]}
     assert study["trainings"] == ["train@vae-0", "train@vae-1"] and sorted(tasks) == [0, 1]
     assert all(r["JobState"] == "COMPLETED" and r["Name"] == "aevae-train" for r in tasks.values())
@@ -113,26 +130,33 @@ def test_a_study_on_slurm_equals_a_local_repro_and_never_trains_twice(slurm_clus
     final = (workdir / f"first/logs/final-{study['jobs']['final']}.out").read_text()
     assert "Running stage 'train@" not in final and final.count("is cached - skipping run") >= 3  # prepare too
 
-    # The final report's metrics equal the local repro's, and nothing was trained twice.
-    found = exp_metrics(repo, env)
+
+@pytest.mark.slow
+def test_a_study_on_slurm_equals_a_local_repro_and_logs_each_training_once(submitted):
+    found = exp_metrics(submitted.repo, submitted.env)
     for config in CONFIGS:
         for metric in ("psnr", "ssim", "lpips", "mse"):
-            assert found["first"][config][metric] == reference[config][metric], (config, metric)
-    store = env["MLFLOW_TRACKING_URI"]
-    assert training_runs(store) == [("vae", 0), ("vae", 1)]
+            assert found["first"][config][metric] == submitted.reference[config][metric], (config, metric)
+    assert training_runs(submitted.env["MLFLOW_TRACKING_URI"]) == [("vae", 0), ("vae", 1)]
 
-    # A second submission of the same commit restores every training from the run-cache.
+
+@pytest.mark.slow
+def test_a_second_submission_of_the_same_commit_trains_nothing(submitted):
+    repo, env, workdir = submitted.repo, submitted.env, submitted.workdir
     result = aevae(["slurm", "submit", "--name", "second", "--workdir", str(workdir), "--wait"], repo, env)
     assert result.returncode == 0, result.stdout + result.stderr
     second = json.loads((workdir / "second/study.json").read_text())
     for index in range(2):
         log = (workdir / f"second/logs/train-{second['jobs']['train']}_{index}.out").read_text()
         assert "Running stage 'train@" not in log and f"Stage '{second['trainings'][index]}' is cached" in log
-    assert training_runs(store) == [("vae", 0), ("vae", 1)]
+    assert training_runs(env["MLFLOW_TRACKING_URI"]) == [("vae", 0), ("vae", 1)]
     found = exp_metrics(repo, env)
     assert {c: found["second"][c] for c in CONFIGS} == {c: found["first"][c] for c in CONFIGS}
 
-    # A job that fails is named with its log, and what waited on it never runs.
+
+@pytest.mark.slow
+def test_a_failed_job_is_named_with_its_log_and_what_waited_never_runs(submitted):
+    repo, env, workdir = submitted.repo, submitted.env, submitted.workdir
     result = aevae(["slurm", "submit", "--name", "broken", "--workdir", str(workdir), "--setup", "exit 3"], repo,
                    env)
     assert result.returncode == 0, result.stderr
@@ -141,5 +165,7 @@ def test_a_study_on_slurm_equals_a_local_repro_and_never_trains_twice(slurm_clus
     assert result.returncode == 1
     assert (f"Error: study broken: prepare failed (exit 3); its log: {workdir}/broken/logs/"
             f"prepare-{broken['jobs']['prepare']}.out") in result.stderr
+    assert not list((workdir / "broken/jobs").glob("train@*"))  # no training started after the failure
     listed = aevae(["slurm", "status", "--workdir", str(workdir)], repo, env).stdout
-    assert "first" in listed and "second" in listed and "broken" in listed
+    studies = {path.parent.name for path in workdir.glob("*/study.json")}
+    assert {"first", "broken"} <= studies and all(name in listed for name in studies)

@@ -1,4 +1,4 @@
-"""aevae.sweeps' table functions, on small tables shaped as model_runs() returns them: one row per training
+"""aevae.compare's table functions, on small tables shaped as model_runs() returns them: one row per training
 run, params as logged (strings, missing where a run did not log them), metrics as floats."""
 
 from __future__ import annotations
@@ -8,16 +8,10 @@ import pandas as pd
 import pytest
 
 from aevae import AevaeError
-from aevae.display import TRAINING_PARAMS
-from aevae.sweeps import (
-    beta_steps,
-    distinct_trainings,
-    filter_params,
-    plot_rate_distortion,
-    rate_distortion,
-    run_table,
-    seed_groups,
-)
+from aevae.compare.rate_distortion import rate_distortion
+from aevae.compare.runs import distinct_trainings, filter_params, run_table, seed_groups
+from aevae.report.rate_distortion import plot_rate_distortion, rate_steps
+from aevae.results.names import TRAINING_PARAMS
 
 METRIC_NAMES = ("psnr", "ssim", "lpips", "mse")
 
@@ -26,7 +20,7 @@ def row(run_id: str, model: str, seed: int, psnr: float, *, lr: str = "0.001", b
         kl: float | None = None, device: str = "cpu", threads: str = "2", half_width: float = 0.5,
         mse: float | None = None) -> dict:
     """One training run of configuration `model` as model_runs() lists it; a VAE when `beta` is given
-    (label and params as aevae.train logs them), else an AE (which logs no model.beta or model.latent_dim)."""
+    (label and params as aevae.train.stage logs them), else an AE (which logs no model.beta or model.latent_dim)."""
     vae = beta is not None
     label = ("VAE" if float(beta) == 1 else f"VAE beta={float(beta):g}") if vae else "AE"
     mse = 10 ** (-psnr / 10) if mse is None else mse
@@ -122,24 +116,24 @@ def test_seed_groups_refuses_a_store_without_test_metrics():
         seed_groups(table({**row("a", "ae", 0, 20.0), "metrics.test_psnr": np.nan}))
 
 
-def test_rate_distortion_means_per_beta_and_what_each_step_buys(sweep):
+def test_rate_distortion_means_per_setting_and_what_each_step_buys(sweep):
     vae, refs = rate_distortion(sweep)
-    assert list(vae["beta"]) == [0.1, 1.0, 4.0]
-    assert list(vae["label"]) == ["beta 0.1", "beta 1", "beta 4"]
+    assert list(vae["model.beta"]) == ["0.1", "1.0", "4.0"]  # the setting that varies, as logged; rate falls
+    assert list(vae["label"]) == ["VAE beta=0.1", "VAE", "VAE beta=4"]
     assert list(vae["seeds"]) == [2, 2, 2]
     for i, beta in enumerate(("0.1", "1.0", "4.0")):
         kl = [k for b, _, k, _, _ in SWEEP if b == beta]
         psnr = [p for b, _, _, p, _ in SWEEP if b == beta]
         mse = [m for b, _, _, _, m in SWEEP if b == beta]
-        assert vae.loc[i, "kl_nats"] == pytest.approx(sum(kl) / 2)
-        assert vae.loc[i, "kl_nats_sd"] == pytest.approx(abs(kl[0] - kl[1]) / 2 ** 0.5)
+        assert vae.loc[i, "rate_nats"] == pytest.approx(sum(kl) / 2)
+        assert vae.loc[i, "rate_nats_sd"] == pytest.approx(abs(kl[0] - kl[1]) / 2 ** 0.5)
         assert vae.loc[i, "psnr"] == pytest.approx(sum(psnr) / 2)
         assert vae.loc[i, "psnr_sd"] == pytest.approx(abs(psnr[0] - psnr[1]) / 2 ** 0.5)
         assert vae.loc[i, "mse"] == pytest.approx(sum(mse) / 2)
     # beta 0.1 -> 1: KL 119 -> 62, PSNR 26.2 -> 23.8; beta 1 -> 4: KL 62 -> 21, PSNR 23.8 -> 21.25
-    assert np.isnan(vae.loc[0, "psnr_db_per_kl_nat"])
-    assert vae.loc[1, "psnr_db_per_kl_nat"] == pytest.approx((23.8 - 26.2) / (62 - 119))
-    assert vae.loc[2, "psnr_db_per_kl_nat"] == pytest.approx((21.25 - 23.8) / (21 - 62))
+    assert np.isnan(vae.loc[0, "psnr_db_per_nat"])
+    assert vae.loc[1, "psnr_db_per_nat"] == pytest.approx((23.8 - 26.2) / (62 - 119))
+    assert vae.loc[2, "psnr_db_per_nat"] == pytest.approx((21.25 - 23.8) / (21 - 62))
     assert list(refs["label"]) == ["AE"]  # the AE trained at another lr is no reference
     assert list(refs.columns) == ["label", "seeds", "psnr", "psnr_sd", "mse", "mse_sd"]
     assert refs.loc[0, "seeds"] == 2
@@ -155,30 +149,31 @@ def test_rate_distortion_of_vae_runs_alone_has_no_references(sweep):
     assert refs.empty
 
 
-def test_rate_distortion_refuses_vae_runs_that_differ_in_more_than_beta(sweep):
+def test_rate_distortion_refuses_runs_that_differ_in_more_than_model_settings(sweep):
     mixed = pd.concat([sweep, table(row("v-lr", "vae", 0, 25.0, lr="0.01", beta="1.0", kl=70.0))], ignore_index=True)
-    with pytest.raises(AevaeError, match=r"the VAE runs differ in lr as well as in model.beta: .*--param lr=0.01"):
+    with pytest.raises(AevaeError, match=r"the runs with a rate differ in lr as well as in their model settings: "
+                                         r".*--param lr=0.01"):
         rate_distortion(mixed)
     vae, _ = rate_distortion(filter_params(mixed, {"lr": "0.001"}))  # what the message says to do
     assert list(vae["seeds"]) == [2, 2, 2]
 
 
 def test_rate_distortion_needs_runs_with_a_rate(sweep):
-    with pytest.raises(AevaeError, match="no training run with a test KL"):
+    with pytest.raises(AevaeError, match="no training run of a model with a rate"):
         rate_distortion(filter_params(sweep, {"model.kind": "ae"}))
 
 
-def test_beta_steps_one_line_per_step_with_its_signs(sweep):
+def test_rate_steps_one_line_per_step_with_its_signs(sweep):
     vae, _ = rate_distortion(sweep)
-    lines = beta_steps(vae)
+    lines = rate_steps(vae)
     assert lines == [
-        f"beta 0.1 -> beta 1: KL -57.0 nats, PSNR -2.40 dB ({(23.8 - 26.2) / (62 - 119):+.4f} dB per nat of KL; "
+        f"VAE beta=0.1 -> VAE: KL -57.0 nats, PSNR -2.40 dB ({(23.8 - 26.2) / (62 - 119):+.4f} dB per nat of KL; "
         "means over 2+ seeds)",
-        f"beta 1 -> beta 4: KL -41.0 nats, PSNR -2.55 dB ({(21.25 - 23.8) / (21 - 62):+.4f} dB per nat of KL; "
+        f"VAE -> VAE beta=4: KL -41.0 nats, PSNR -2.55 dB ({(21.25 - 23.8) / (21 - 62):+.4f} dB per nat of KL; "
         "means over 2+ seeds)",
     ]
     assert "(+0.0421 dB per nat" in lines[0]  # less KL costs PSNR: a positive price per nat
-    assert beta_steps(vae.iloc[:1]) == []
+    assert rate_steps(vae.iloc[:1]) == []
 
 
 def test_plot_rate_distortion_writes_a_png(sweep, tmp_path):
@@ -194,6 +189,7 @@ def test_plot_rate_distortion_writes_a_png(sweep, tmp_path):
 def test_run_table_key_params_and_test_metrics(sweep):
     shown = run_table(sweep)
     assert list(shown.columns) == ["run_id", "model", "pipeline", "status", "started", *TRAINING_PARAMS,
+                                   "model.beta", "model.latent_dim",  # each kind's own settings, where logged
                                    "test_psnr", "test_ssim", "test_lpips", "best_val_loss"]
     assert list(shown["run_id"]) == [r[:8] for r in sweep["run_id"]]
     assert list(shown["model.beta"].iloc[:2]) == ["0.1", "0.1"]

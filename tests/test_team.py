@@ -1,10 +1,9 @@
-"""A team's setup, as the README's recipe builds it: a tracking server that lets no one in unasked, and
+"""A team's setup, as docs/team.md builds it: a tracking server that lets no one in unasked, and
 sweeps run on several machines gathered in one place (a bare git remote, a DVC remote, one MLflow server).
 Every part is real: `mlflow server` with its basic-auth app, git, dvc."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import MODELS, REPO, TrackingServer, copy_project, exp_metrics, run, train_command
+from tests.conftest import MODELS, REPO, TrackingServer, copy_project, exp_metrics, project_env, run, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +21,7 @@ USERS = {"alice": "alice-Pw-4417-x", "bob": "bob-Pw-9052-xyz", "carol": "carol-P
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
-    """The venv first on PATH (stage commands call `python`), no network but the local server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", TQDM_DISABLE="1",
-               TORCH_HOME=str(tmp_path_factory.mktemp("torch_home")), https_proxy="http://127.0.0.1:9",
-               NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    return env
+    return project_env(tmp_path_factory.mktemp("env"))
 
 
 @pytest.fixture(scope="module")

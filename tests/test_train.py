@@ -5,12 +5,14 @@ import pandas as pd
 import pytest
 import torch
 
-from aevae.checkpoints import load_model
-from aevae.data import prepare
-from aevae.files import ModelDir
-from aevae.models import VAE
-from aevae.params import DataParams, load_params
-from aevae.train import make_optimizer, train, training_params
+from aevae.config.load import load_params
+from aevae.config.schema import DataParams
+from aevae.data.prepare import prepare
+from aevae.files.model_dir import ModelDir
+from aevae.models.checkpoints import load_model
+from aevae.models.vae import VAE
+from aevae.train.loop import make_optimizer
+from aevae.train.stage import train, training_params
 
 
 @pytest.fixture
@@ -21,7 +23,7 @@ def tiny_data(tmp_path):
 
 
 def test_kl_warmup_is_linear_then_constant(write_params):
-    from aevae.models import build_model
+    from aevae.models.registry import build_model
 
     vae = build_model("vae", load_params(write_params({"models": {"vae": {"beta": 2.0, "kl_warmup_epochs": 4}}})))
     assert [vae.kl_weight(e) for e in (1, 2, 4, 9)] == [0.5, 1.0, 2.0, 2.0]

@@ -1,0 +1,149 @@
+"""A study to submit: the commit its jobs run, where they clone it from and share through, and the jobs
+Slurm gave them (docs/slurm.md)."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from aevae import AevaeError
+from aevae.config.schema import Params
+
+FINAL = "final"
+PREPARE = "prepare"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each job asks Slurm for (sbatch's options of the same names)."""
+
+    partition: str | None = None
+    cpus: int = 1
+    mem: str | None = None
+    time: str | None = None
+    gpus: int = 0
+
+    def directives(self) -> list[str]:
+        lines = [f"--cpus-per-task={self.cpus}"]
+        lines += [f"--partition={self.partition}"] if self.partition else []
+        lines += [f"--mem={self.mem}"] if self.mem else []
+        lines += [f"--time={self.time}"] if self.time else []
+        lines += [f"--gres=gpu:{self.gpus}"] if self.gpus else []
+        return [f"#SBATCH {line}" for line in lines]
+
+
+@dataclass
+class Study:
+    """One submission: the commit, where its jobs clone from and share through, and its Slurm jobs."""
+
+    name: str
+    commit: str
+    git_url: str
+    dvc_remote: str
+    folder: str
+    trainings: list[str]
+    tracking_uri: str
+    setup: str
+    jobs: dict[str, str] = field(default_factory=dict)  # prepare / train / final -> Slurm job id
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder)
+
+    def log_file(self, stage: str) -> Path:
+        """Slurm's output file of the job that runs `stage` (known once the job is submitted)."""
+        if stage in self.trainings:
+            return self.path / "logs" / f"train-{self.jobs.get('train', '%A')}_{self.trainings.index(stage)}.out"
+        part = FINAL if stage == FINAL else PREPARE
+        return self.path / "logs" / f"{part}-{self.jobs.get(part, '%j')}.out"
+
+    def save(self) -> None:
+        (self.path / "study.json").write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> Study:
+        try:
+            return cls(**json.loads((folder / "study.json").read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise AevaeError(f"no study in {folder} (no study.json): aevae slurm status lists the studies") from None
+
+
+def _git(repo: Path, *args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AevaeError(f"git {' '.join(args)} failed in {repo}: {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout.strip()
+
+
+def check_committed(repo: Path) -> str:
+    """The commit the jobs will run; refuses uncommitted changes to tracked files (jobs would not see them)."""
+    changed = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    if changed:
+        files = ", ".join(line.split(None, 1)[1] for line in changed.splitlines()[:3])
+        raise AevaeError(f"uncommitted changes ({files}): the jobs run a commit, so commit them first "
+                         "(git commit -am ..., dvc.lock included)")
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def default_git_url(repo: Path, commit: str) -> str:
+    """Where the jobs clone from: origin when it has the commit, else this repository (a shared filesystem)."""
+    try:
+        url = _git(repo, "remote", "get-url", "origin")
+    except AevaeError:
+        return str(repo.resolve())
+    if not _git(repo, "branch", "-r", "--contains", commit):
+        raise AevaeError(f"commit {commit[:8]} is not on origin ({url}): git push first, the jobs clone from it "
+                         "(or pass --git-url)")
+    return url
+
+
+def committed_dvc_remote(repo: Path, commit: str, name: str | None) -> str:
+    """The DVC remote the jobs share through: `name`, or the default remote of the commit's .dvc/config
+    (a remote only in .dvc/config.local would be invisible to the jobs' clones)."""
+    config = configparser.ConfigParser(strict=False, interpolation=None)
+    config.read_string(_git(repo, "show", f"{commit}:.dvc/config") if _has_dvc_config(repo, commit) else "")
+    remotes = {s.split('"')[1] for s in config.sections() if s.startswith("'remote ")}
+    name = name or config.get("core", "remote", fallback=None)
+    if not name or name not in remotes:
+        listed = ", ".join(sorted(remotes)) or "none"
+        raise AevaeError(f"{'remote ' + repr(name) if name else 'no default DVC remote'} in the commit's .dvc/config "
+                         f"(committed remotes: {listed}): the jobs share data, models and run-cache through one; "
+                         "dvc remote add -d storage <shared path or URL>, then commit .dvc/config")
+    return name
+
+
+def _has_dvc_config(repo: Path, commit: str) -> bool:
+    return subprocess.run(["git", "cat-file", "-e", f"{commit}:.dvc/config"], cwd=repo).returncode == 0
+
+
+def default_setup() -> str:
+    """Shell lines that give a job this Python and its dvc: the interpreter's bin folder first on PATH."""
+    return f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\""
+
+
+def plan_study(repo: Path, params: Params, workdir: Path, *, git_url: str | None, dvc_remote: str | None,
+               setup: str | None, name: str | None) -> Study:
+    """The study of the current commit: every (configuration, seed) of params.yaml is a training job."""
+    from aevae.tracking.store import tracking_uri
+
+    if not (repo / ".git").exists():
+        raise AevaeError(f"{repo} is not a git repository: the jobs clone a commit, so run aevae slurm submit in "
+                         "the project's git clone")
+    commit = check_committed(repo)
+    name = name or f"study-{commit[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise AevaeError(f"--name {name!r}: use letters, digits, '.', '_' and '-' (it names a folder and a DVC "
+                         "experiment)")
+    return Study(name=name, commit=commit, git_url=git_url or default_git_url(repo, commit),
+                 dvc_remote=committed_dvc_remote(repo, commit, dvc_remote),
+                 folder=str((workdir / name).resolve()),
+                 trainings=[f"train@{config}-{seed}" for config, seed in params.trainings()],
+                 tracking_uri=tracking_uri(), setup=setup or default_setup())
+

@@ -1,0 +1,117 @@
+"""The keys of params.yaml that the data and every training read, typed and checked.
+
+The `eval:` and `report:` sections are checked by the stages that read them (aevae.evaluate.params,
+aevae.report.params), not here: this module is in every training's import closure, so DVC would retrain
+every model when an evaluation or report option is added. Here they are mappings, passed on as written.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    # extra="forbid" turns a typo such as `learning_rate` into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataParams(Section):
+    source: Literal["builtin", "folder"] = "builtin"
+    path: str = "data/raw"
+    image_size: int = Field(64, ge=8)
+    builtin_size: int = Field(2000, ge=10)
+    limit: int = Field(0, ge=0)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataParams:
+        if self.image_size % 8:
+            raise ValueError(
+                f"data.image_size must be a multiple of 8 (three stride-2 convolutions), got {self.image_size}"
+            )
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                "data.val_fraction + data.test_fraction must be below 1 so that some images are left "
+                f"for training, got {self.val_fraction} + {self.test_fraction}"
+            )
+        return self
+
+
+class ModelEntry(BaseModel):
+    """One model configuration of the study: its kind and that kind's settings. The settings are checked
+    against the kind's own schema (aevae.models), where the kind is defined, when the model is built."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str
+
+    def settings(self) -> dict[str, object]:
+        return dict(self.model_extra or {})
+
+
+def _default_models() -> dict[str, ModelEntry]:
+    return {"ae": ModelEntry(kind="ae"), "ae_code": ModelEntry(kind="ae_code", latent_dim=128),
+            "vae": ModelEntry(kind="vae", latent_dim=128, beta=1.0, kl_warmup_epochs=0)}
+
+
+class TrainParams(Section):
+    # What training draws (weight init, batch order, the VAE's sampling noise), over the same data split:
+    # each configuration is trained once per seed, and the report's intervals cover the seeds.
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(3, ge=0)
+    threads: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class TrackingParams(Section):
+    images_every: int = Field(2, ge=0)
+    image_count: int = Field(8, ge=1, le=64)
+    system_metrics: bool = True
+    register_models: bool = False
+
+
+class Params(Section):
+    seed: int = 0
+    lr: float = Field(0.002, gt=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=2)  # BatchNorm needs at least two images per batch
+    weight_decay: float = Field(1e-5, ge=0)
+    models: dict[str, ModelEntry] = Field(default_factory=_default_models, min_length=1)
+    data: DataParams = DataParams()
+    train: TrainParams = TrainParams()
+    tracking: TrackingParams = TrackingParams()
+    eval: dict[str, Any] = Field(default_factory=dict)  # checked by aevae.evaluate.params
+    report: dict[str, Any] = Field(default_factory=dict)  # checked by aevae.report.params
+
+    @model_validator(mode="after")
+    def _check_study(self) -> Params:
+        for name in self.models:
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+                raise ValueError(f"models.{name}: a configuration's name is a folder and a DVC stage name: use "
+                                 "letters, digits and _ only")
+        if len(set(self.train.seeds)) != len(self.train.seeds):
+            raise ValueError(f"train.seeds lists a seed twice: {self.train.seeds}")
+        return self
+
+    def trainings(self) -> list[tuple[str, int]]:
+        """The study: every (model configuration, training seed), in the report's order."""
+        return [(config, seed) for config in self.models for seed in self.train.seeds]
+
+    def flat(self) -> dict[str, object]:
+        """`section.key -> value`, the naming DVC and MLflow use (nested sections joined with dots)."""
+        return _flatten(self.model_dump())
+
+
+def _flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

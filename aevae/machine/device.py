@@ -1,0 +1,48 @@
+"""Where training runs and in which precision: the device, the CPU's instruction set, bf16 or fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from aevae import AevaeError
+
+
+def pick_device(name: str) -> torch.device:
+    """train.device: auto is CUDA when present, else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AevaeError("train.device is cuda but no CUDA device is visible; use train.device: auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return set()
+    return set(next((line for line in lines if line.startswith("flags")), "").partition(":")[2].split())
+
+
+BF16_CPU_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}  # native bf16 matrix/vector units
+
+
+def cpu_isa() -> str:
+    """What the CPU offers torch's kernels: torch's vector capability plus native bf16 units, e.g.
+    "AVX512 + AMX-BF16 + AVX512-BF16" or "AVX2"."""
+    flags = cpu_flags()
+    return " + ".join([torch.backends.cpu.get_cpu_capability(), *(n for f, n in BF16_CPU_FLAGS.items() if f in flags)])
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """train.precision: auto is bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU
+    with AMX or AVX512-BF16) and fp32 elsewhere: on an AVX2-only CPU bf16 autocast is many times slower
+    (bench/results.md, Precision: quality)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_flags() & set(BF16_CPU_FLAGS) else "fp32"

@@ -1,0 +1,143 @@
+"""The report's sections, in order: data, models, training, reconstructions, metrics, differences,
+comparison, rate and distortion, sampling, interpolation, worst cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from aevae.config.schema import Params
+from aevae.report.document import Section
+from aevae.report.findings import code_size_finding, comparison_sentences, elbo_sentences, fid_sentences
+from aevae.report.params import ReportParams
+from aevae.report.rate_distortion import rate_steps
+from aevae.report.tables import architecture_rows
+from aevae.report.trained import Trained
+from aevae.results.names import INTERVAL_METHOD
+
+
+@dataclass
+class Study:
+    """What the sections are written from: the params, the data's manifest, the models, the evaluation's
+    results (eval.json, summary.csv, the two tables) and the report's own findings."""
+
+    params: Params
+    report: ReportParams
+    bootstrap_samples: int
+    manifest: dict
+    trained: list[Trained]
+    result: dict
+    summary: pd.DataFrame
+    tables: tuple[pd.DataFrame, pd.DataFrame]  # the metric table and the paired differences
+    rated: pd.DataFrame  # rate-distortion points of the models with a rate
+    worst_titles: list[str]
+
+
+def _training_summary(t: Trained) -> str:
+    best = t.best_epoch()
+    return (f"{t.label} epoch {int(best['epoch'])} (val loss {best['val_loss']:.5g} {t.model.loss_unit}"
+            f"{t.model.best_epoch_words(best.to_dict())})")
+
+
+def _data_sentence(manifest: dict, units: int) -> str:
+    counts = manifest["counts"]
+    if manifest["source"] == "builtin":
+        source = ("crops of the photographs shipped with scikit-image (" + ", ".join(manifest["photos"]) +
+                  "); test crops come from grid cells of the photographs that no training crop touches, and no "
+                  f"two test images are within {manifest['test_near_duplicate_psnr_db']:g} dB PSNR of each other. "
+                  f"Crops of one cell overlap, so the {counts['test']} test images are {units} independent units "
+                  "(cells), and intervals resample cells, not images. Six photographs are a demo set, not a "
+                  "benchmark: use your own folder for publishable numbers")
+    else:
+        source = f"the images in {manifest['path']}, split at random; each test file is its own unit"
+    return (f"{counts['train']} training, {counts['val']} validation and {counts['test']} test images of "
+            f"{manifest['image_size']}x{manifest['image_size']} RGB: {source}. {manifest['skipped_count']} "
+            f"unreadable files skipped. Data sha256 {manifest['sha256'][:16]}.")
+
+
+def _setup(study: Study) -> list[Section]:
+    params, trained, seeds = study.params, study.trained, study.params.train.seeds
+    losses = "; ".join(f"{t.label}: {t.model.loss_unit}" for t in trained)
+    return [
+        Section("Data", [_data_sentence(study.manifest, int(study.result["test_units"]))]),
+        Section("Models", [
+            "All share the study's convolutional encoder (Conv 3-64-128-256, kernel 4, stride 2, BatchNorm, ReLU) "
+            "and its mirrored ConvTranspose decoder with a Sigmoid output; they differ in what lies between."],
+            table=architecture_rows(trained)),
+        Section("Training", [
+            f"Adam (lr {params.lr:g}, weight decay {params.weight_decay:g}), batch size {params.batch_size}, "
+            f"{params.epochs} epochs, ReduceLROnPlateau on validation loss (factor {params.train.plateau_factor:g}, "
+            f"patience {params.train.plateau_patience}), training seeds {', '.join(map(str, seeds))}. "
+            f"Losses: {losses}. The best-validation checkpoint of each training is evaluated; the figures show "
+            f"seed {seeds[0]}.",
+            "Best epoch: " + "; ".join(_training_summary(t) for t in trained) + "."], image="curves.png"),
+        Section("Reconstructions", [
+            f"{min(study.report.grid_images, study.manifest['counts']['test'])} test images drawn "
+            f"at random (seed {params.seed}), one per independent unit before any unit repeats (their indices "
+            "and units are in grid.csv). Models with a Gaussian latent reconstruct from its posterior mean, so "
+            "every output is deterministic. Tiles are enlarged with nearest-neighbour, adding no blur."],
+            image="grid.png"),
+    ]
+
+
+def _results(study: Study) -> list[Section]:
+    seeds, result, (table, pairs) = study.params.train.seeds, study.result, study.tables
+    lpips_note = (f"LPIPS is v0.1 with the AlexNet backbone ({result['lpips_backbone']})."
+                  if result["lpips_available"] else
+                  "LPIPS is n/a: no AlexNet weights were found that passed their check (docs/metrics.md).")
+    seed_words = (f"{len(seeds)} training seeds ({', '.join(map(str, seeds))}): each cell is the mean over seeds "
+                  "of each seed's mean over the test images, ± the sd between seeds, [the 95% interval]"
+                  if len(seeds) > 1 else
+                  f"one training seed ({seeds[0]}): each cell is the mean over the test images [95% interval]. "
+                  "The interval covers the test set only: how much another seed would move each model is "
+                  "unmeasured (train.seeds: [0, 1, 2] measures it)")
+    return [
+        Section("Metrics on the test set", [
+            f"{study.manifest['counts']['test']} test images in {int(result['test_units'])} independent units; "
+            f"{seed_words}. Interval method: {INTERVAL_METHOD}, {study.bootstrap_samples} resamples. PSNR is "
+            "computed per image (data range 1) and then averaged; SSIM uses the Gaussian 11x11, sigma 1.5 window; "
+            f"MSE is per pixel; {lpips_note}", *fid_sentences(result), *elbo_sentences(study.trained, result)],
+            table=table),
+        Section("Paired differences", [
+            "Each model's score minus another's on the same test image and the same training seed, averaged; "
+            "interval as above."], table=pairs),
+        Section("Comparison", [*comparison_sentences(study.summary, {t.name: t.label for t in study.trained}),
+                               *code_size_finding(study.summary, study.trained)]),
+    ]
+
+
+def _generation(study: Study) -> list[Section]:
+    trained, generative = study.trained, [t for t in study.trained if t.model.generative]
+    if not generative:
+        return []
+    others = " and ".join(f"the {t.label} ({t.model.code_values():,}-value code)" for t in trained
+                          if not t.model.generative)
+    names = ", ".join(t.label for t in generative)
+    return [
+        Section(f"Sampling ({names})", [
+            "Images decoded from z ~ N(0, I), the same draws for each model." + (
+                f" Their Sample FID and KID, over {study.result['test_images']} such images, are in the metric "
+                "table." if study.result["fid_kid"]["computed"] else "") + (
+                f" {others[0].upper()}{others[1:]} cannot do this: nothing in their training ties the code "
+                "to a known distribution, so there is no prior to draw codes from, and points between two "
+                "codes need not decode to images." if others else "")], image="samples.png"),
+        Section("Interpolation", [
+            f"Two test images (top, at the ends) and each model's decoding of {study.report.interpolation_steps} "
+            "evenly spaced points on the line between their latent means: the first and last points are the "
+            "two images' own reconstructions."], image="interpolation.png"),
+    ]
+
+
+def sections(study: Study) -> list[Section]:
+    """Every section of the report, in order."""
+    out = [*_setup(study), *_results(study)]
+    if len(study.rated) >= 2:
+        out.append(Section("Rate and distortion", [
+            "Test KL (the rate, nats per image) against test PSNR and per-pixel MSE of every model with an ELBO; "
+            "error bars are the sd over training seeds, dashed lines the models without a rate.",
+            *(line + "." for line in rate_steps(study.rated))], image="rate_distortion.png"))
+    out += _generation(study)
+    out.append(Section(f"Worst test images (lowest PSNR, seed {study.params.train.seeds[0]})", study.worst_titles,
+                       image="worst.png"))
+    return out

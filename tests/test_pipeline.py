@@ -422,17 +422,20 @@ def stop_workers(repo: Path) -> None:
                 os.kill(int(pid), signal.SIGKILL)
 
 
-LR_EXPERIMENTS = {"queued-a": "0.004", "queued-b": "0.005"}
+LR_EXPERIMENTS = {"queued-a": "0.004"}
+BETA_EXPERIMENTS = {"sweep-beta-half": "0.5", "sweep-beta-two": "2"}
 
 
 @pytest.fixture(scope="module")
 def queued(repo, env) -> None:
-    """One queue session, two workers, for every queued experiment of this module: two experiments at their
-    own lr (LR_EXPERIMENTS), and a beta sweep of two experiments, models.vae.beta 0.5 and 2, each a two-seed
-    study. Queued, like every experiment here but one: the workspace stays the committed baseline."""
+    """One queue session, two workers, three experiments at once: one at its own lr (LR_EXPERIMENTS) and a beta
+    sweep of two (BETA_EXPERIMENTS: models.vae.beta 0.5 and 2), each of those a two-seed study. Queued, like
+    every experiment here but one: the workspace stays the committed baseline."""
     for name, lr in LR_EXPERIMENTS.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"lr={lr}"], repo, env)
-    run(["dvc", "exp", "run", "--queue", "-S", "models.vae.beta=0.5,2", "-S", "train.seeds=[0,1]"], repo, env)
+    for name, beta in BETA_EXPERIMENTS.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"models.vae.beta={beta}", "-S", "train.seeds=[0,1]"],
+            repo, env)
     run_queue(repo, env)
 
 
@@ -448,8 +451,13 @@ def test_exp_run_with_a_param_override_retrains_every_model(repo, env, queued):
 
 
 def test_queued_experiments_land_in_the_one_store(repo, env, queued):
-    """(A --temp experiment's runs: test_a_vae_only_experiment_reuses_the_committed_ae.)"""
+    """Each experiment's runs under its own parent, all FINISHED, in the store of the repository the queue
+    started from. (A --temp experiment's: test_a_vae_only_experiment_reuses_the_committed_ae.)"""
     frame = runs(repo)
+    for name in BETA_EXPERIMENTS:  # the sweep's own trainings (beta 0.5's seed 0 ran in an earlier experiment)
+        rows = frame[frame["tags.dvc_exp_name"] == name]
+        assert {"vae-seed1", "report"} <= set(rows["tags.mlflow.runName"]), name
+        assert set(rows["status"]) == {"FINISHED"} and set(rows["tags.pipeline"]) == {name}
     for name, lr in LR_EXPERIMENTS.items():
         rows = frame[frame["tags.dvc_exp_name"] == name]
         assert sorted(rows["tags.mlflow.runName"]) == ["ae-seed0", "ae_code-seed0", "report", "vae-seed0"], name
@@ -460,18 +468,18 @@ def test_queued_experiments_land_in_the_one_store(repo, env, queued):
         assert len(parent) == 1 and set(rows["tags.mlflow.parentRunId"]) == {parent["run_id"].item()}, name
         assert parent["status"].item() == "FINISHED" and parent["params.lr"].item() == lr
     assert not list(repo.glob(".dvc/tmp/exps/**/mlflow.db"))  # nothing was left in DVC's temporary copies
-    assert set(LR_EXPERIMENTS) <= set(exp_metrics(repo, env))
+    assert {*LR_EXPERIMENTS, *BETA_EXPERIMENTS} <= set(exp_metrics(repo, env))
 
 
 def test_plots_diff_shows_the_grids_of_two_experiments_side_by_side(repo, env, tmp_path, queued):
-    shown = json.loads(run(["dvc", "plots", "diff", "queued-a", "queued-b", "--json", "-o", str(tmp_path / "plots")],
-                           repo, env).stdout)["data"]
+    diff = ["dvc", "plots", "diff", "queued-a", "sweep-beta-two", "--json", "-o", str(tmp_path / "plots")]
+    shown = json.loads(run(diff, repo, env).stdout)["data"]
     for image in ("reports/grid.png", "reports/samples.png", "reports/curves.png"):
         files = {entry["revisions"][0]: Path(entry["url"]) for entry in shown[image] if entry["type"] == "image"}
-        assert set(files) == {"queued-a", "queued-b"}, image
+        assert set(files) == {"queued-a", "sweep-beta-two"}, image
         assert all(path.stat().st_size > 1000 for path in files.values()), image
     grids = {rev: Path(e["url"]).read_bytes() for e in shown["reports/grid.png"] for rev in e["revisions"]}
-    assert grids["queued-a"] != grids["queued-b"]  # each experiment's own grid (lr 0.004 vs 0.005)
+    assert grids["queued-a"] != grids["sweep-beta-two"]  # each experiment's own grid (lr 0.004 vs models.vae.beta 2)
 
 
 def test_compare_prints_the_numbers_dvc_exp_show_has(repo, env, queued):

@@ -36,8 +36,8 @@ def reconstruct(model: str, inputs: tuple[Path, ...], out: Path, device: str) ->
               help="Two images: also write the decoded line between them to <out>-interpolation.png.")
 @click.option("--steps", default=8, show_default=True, type=click.IntRange(2, 64), help="Points on that line.")
 def sample(model: str, n: int, out: Path, seed: int, between: tuple[Path, Path] | None, steps: int) -> None:
-    """Draw N images from a VAE's prior, z ~ N(0, I), and optionally interpolate between two images
-    through the VAE's latent space. MODEL: a checkpoint (models/vae/seed0/best.pt) or an MLflow model URI."""
+    """Draw N images from a generative model's prior, z ~ N(0, I), and optionally interpolate between two
+    images through its latent space. MODEL: a checkpoint (models/vae/seed0/best.pt) or an MLflow model URI."""
     from aevae.inference.sample import sample_images
 
     sample_images(model, out, n=n, seed=seed, between=between or None, steps=steps)

@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm.auto import tqdm
 
 from aevae.data.tensors import batches, to_uint8
@@ -38,6 +37,8 @@ SSIM_BORDER = 5  # half of the 11-tap Gaussian window
 
 
 def psnr_per_image(pred: Tensor, target: Tensor) -> Tensor:
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # imported where used: seconds
+
     return peak_signal_noise_ratio(pred, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
 
 
@@ -49,6 +50,8 @@ def ssim_per_image(pred: Tensor, target: Tensor) -> Tensor:
     noisy images; so we take torchmetrics' map and average it the paper's way (tests/test_metrics.py
     compares with scikit-image).
     """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     _, ssim_map = structural_similarity_index_measure(pred, target, data_range=1.0, gaussian_kernel=True,
                                                       kernel_size=11, sigma=1.5, return_full_image=True)
     b = SSIM_BORDER

@@ -26,7 +26,7 @@ from sweep import SWEEP_HEADING, sweep_section
 
 
 def _train_images(n: int):
-    from aevae.data.prepared import load_split
+    from aevae.data.load import load_split
 
     return load_split(OUT / "prepared", "train")[:n]
 
@@ -104,7 +104,7 @@ def measure_precision_quality(config: str, precision: str, n: int, epochs: int) 
     """Train `config` from the same seed in `precision`, then score the test split in fp32."""
     import torch
 
-    from aevae.data.prepared import load_split
+    from aevae.data.load import load_split
     from aevae.evaluate.scores import reconstruct_all, score_images
     from aevae.train.loop import run_epoch
 
@@ -155,7 +155,7 @@ def measure_train_baseline(config: str, n: int) -> dict:
 def _eval_images(n: int):
     import numpy as np
 
-    from aevae.data.prepared import load_split
+    from aevae.data.load import load_split
 
     test = load_split(OUT / "prepared", "train")[:n]
     rng = np.random.default_rng(0)
@@ -291,8 +291,8 @@ def setup(n_train: int, n_jpegs: int) -> None:
     from PIL import Image
 
     from aevae.config.schema import DataParams
+    from aevae.data.load import load_split
     from aevae.data.prepare import prepare
-    from aevae.data.prepared import load_split
 
     OUT.mkdir(parents=True, exist_ok=True)
     prepare(DataParams(builtin_size=max(n_train * 10 // 8 + 10, 300)), seed=0, out=OUT / "prepared")

@@ -59,7 +59,7 @@ def step_load_and_train() -> dict:
     import torch
 
     from aevae.config.schema import Params
-    from aevae.data.prepared import load_split
+    from aevae.data.load import load_split
     from aevae.data.tensors import batches
     from aevae.models.registry import build_model
     from aevae.train.loop import make_optimizer

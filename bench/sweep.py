@@ -22,7 +22,7 @@ TRAIN_OUTS = ("best.pt", "run.json")  # dvc.yaml: the outs of the matrix stage `
 def make_before(repo: Path) -> None:
     """Rebuild in the copy `repo` what the pipeline did before issue 14: the training stage's outputs with
     `persist: true` (which turns DVC's run-cache off) and every worker training what it was given (no
-    aevae.train.once). Every rewrite is checked: one that matches nothing stops the run, so that "before" can
+    aevae.train.dedupe). Every rewrite is checked: one that matches nothing stops the run, so that "before" can
     never silently measure the pipeline as it is."""
     import yaml
 
@@ -35,10 +35,10 @@ def make_before(repo: Path) -> None:
     if not all(isinstance(o, dict) and next(iter(o.values())) == {"persist": True} for o in outs):
         raise SystemExit(f"bench: not every out of dvc.yaml's train stage persists after the rewrite: {outs}")
     dvc_yaml.write_text(stages, encoding="utf-8")
-    once = repo / "aevae" / "train" / "once.py"
+    once = repo / "aevae" / "train" / "dedupe.py"
     code = once.read_text(encoding="utf-8")
     if "\ndef training_once(key" not in code or "training_once(" not in (repo / "aevae/train/stage.py").read_text():
-        raise SystemExit("bench: aevae.train.once.training_once(key, out, shared) is gone or unused by "
+        raise SystemExit("bench: aevae.train.dedupe.training_once(key, out, shared) is gone or unused by "
                          "aevae.train.stage: "
                          "update the benchmark's 'before' rewrite of it")
     once.write_text(code + "\n\nfrom contextlib import contextmanager\n\n\n@contextmanager\n"
@@ -126,7 +126,7 @@ def sweep_section() -> str:
         "time from `dvc queue start` until the last experiment ended. *before*: training outputs with "
         "`persist: true` (DVC's run-cache off), every worker on torch's default thread count and no waiting for "
         "a worker that trains the same configuration, as the pipeline was; *after*: the pipeline as it is "
-        "(run-cache on, `train.threads: 0` shares the cores, `aevae.train.once`). Both in fp32. "
+        "(run-cache on, `train.threads: 0` shares the cores, `aevae.train.dedupe`). Both in fp32. "
         "Trainings run: new MLflow training runs (the baseline's not counted).", "", *rows, ""])
 
 

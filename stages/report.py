@@ -8,7 +8,7 @@ import click
 
 from aevae.commands.entry import data_option, models_option, params_option, run
 from aevae.config.load import load_params
-from aevae.data.prepared import read_manifest
+from aevae.data.load import read_manifest
 from aevae.evaluate.params import load_eval_params
 from aevae.report.build import build_report
 from aevae.report.params import load_report_params

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +15,13 @@ from PIL import Image
 from aevae.models.ae import AutoEncoder
 from aevae.models.checkpoints import save_model
 from aevae.models.vae import VAE
-from tests.conftest import random_photo
+from tests.conftest import project_env, random_photo
 
 AEVAE = [sys.executable, "-c", "from aevae.commands.main import main; main()"]
 
 
 def aevae(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}  # the store is cwd's
+    env = project_env(cwd)  # no MLFLOW_TRACKING_URI: the store would be cwd's
     return subprocess.run([*AEVAE, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
 
 

@@ -1,7 +1,6 @@
 """Faults injected into real training processes: kills, signals, divergence, a full disk, bad paths."""
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -16,7 +15,7 @@ from aevae.config.load import load_params
 from aevae.data.prepare import prepare
 from aevae.files.model_dir import ModelDir
 from aevae.train.stage import train
-from tests.conftest import train_command
+from tests.conftest import project_env, train_command
 
 pytestmark = pytest.mark.slow
 FAULT_PARAMS = {"epochs": 6, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 200},
@@ -28,7 +27,7 @@ def fault_setup(tmp_path, write_params, store):
     params_file = write_params(FAULT_PARAMS)
     data = tmp_path / "prepared"
     prepare(load_params(params_file).data, seed=0, out=data)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    env = project_env(tmp_path, MLFLOW_TRACKING_URI=store)
 
     def start(models: Path, params: Path = params_file, **popen) -> subprocess.Popen:
         """The VAE's training stage writing to <models>/vae/seed0."""

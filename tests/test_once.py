@@ -1,15 +1,14 @@
-"""Two queue workers that start the same untrained configuration at once train it once (aevae.train.once)."""
+"""Two queue workers that start the same untrained configuration at once train it once (aevae.train.dedupe)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import mlflow
 import pytest
 
-from tests.conftest import REPO, train_command
+from tests.conftest import REPO, project_env, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_two_workers_starting_one_configuration_train_it_once(tmp_path, write_params, store):
     params = write_params({"epochs": 12, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 200},
                            "tracking": {"images_every": 0, "system_metrics": False}})
-    env = {**os.environ, "TQDM_DISABLE": "1", "DVC_ROOT": str(tmp_path)}  # as DVC sets it in queue workers
+    env = project_env(tmp_path, MLFLOW_TRACKING_URI=store, DVC_ROOT=str(tmp_path))  # as DVC sets it in queue workers
     subprocess.run([sys.executable, str(REPO / "stages/prepare.py"), "--params", params, "--out", "prepared"],
                    cwd=tmp_path, env=env, check=True, capture_output=True)
 

@@ -1,4 +1,3 @@
-import os
 import subprocess
 import sys
 import time
@@ -8,6 +7,7 @@ import pytest
 
 from aevae import AevaeError
 from aevae.tracking import runs, store
+from tests.conftest import project_env
 
 WRITER = """
 import sys
@@ -37,7 +37,7 @@ def test_artifacts_go_next_to_a_sqlite_store(tmp_path):
 def test_parallel_writers_on_a_new_store_lose_nothing(tmp_path):
     """Queue workers starting at once on a fresh sqlite store (the schema migration race)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env = project_env(tmp_path, MLFLOW_TRACKING_URI=uri)
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(n)], env=env, stderr=subprocess.PIPE, text=True)
              for n in range(5)]
     errors = [p.communicate(timeout=300)[1] for p in procs]

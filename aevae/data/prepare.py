@@ -18,7 +18,7 @@ from aevae import AevaeError
 from aevae.config.schema import DataParams
 from aevae.data.builtin import BUILTIN_PHOTOS, NEAR_DUPLICATE_PSNR_DB, builtin_crops
 from aevae.data.decode import UnusableImage, list_files, load_image
-from aevae.data.prepared import MANIFEST, TEST_UNITS
+from aevae.data.load import MANIFEST, TEST_UNITS
 from aevae.data.split import SPLITS, split_sizes
 
 

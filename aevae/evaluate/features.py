@@ -18,7 +18,7 @@ import torch
 
 from aevae import AevaeError
 from aevae.config.schema import Params
-from aevae.data.prepared import load_split
+from aevae.data.load import load_split
 from aevae.evaluate.inception import InceptionUnavailable, find_inception
 from aevae.evaluate.params import EvalParams
 from aevae.files.atomic import atomic_path, write_text

@@ -10,7 +10,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from aevae.config.schema import Params
-from aevae.data.prepared import load_split, read_manifest, read_test_units
+from aevae.data.load import load_split, read_manifest, read_test_units
 from aevae.evaluate.features import FidStatus
 from aevae.evaluate.fid import GenerationScorer
 from aevae.evaluate.intervals import per_seed_table, set_level_rows, summarize

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from aevae.config.schema import Params
-from aevae.data.prepared import load_split, read_manifest, read_test_units
+from aevae.data.load import load_split, read_manifest, read_test_units
 from aevae.files.atomic import atomic_path
 from aevae.report.document import write_report
 from aevae.report.figures import draw_samples, plot_curves

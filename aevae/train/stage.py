@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from aevae import AevaeError
 from aevae.config.schema import Params
-from aevae.data.prepared import load_split, read_manifest
+from aevae.data.load import load_split, read_manifest
 from aevae.data.tensors import to_uint8, to_unit
 from aevae.files.model_dir import ModelDir
 from aevae.machine.cores import CoreShare
@@ -24,7 +24,7 @@ from aevae.models.registry import build_model
 from aevae.tracking.provenance import Pipeline
 from aevae.tracking.runs import pipeline_stage, training_run
 from aevae.tracking.training_log import log_epoch, log_images, log_trained_model
-from aevae.train.once import trained_dir, training_key, training_once
+from aevae.train.dedupe import trained_dir, training_key, training_once
 from aevae.train.state import (
     TrainingState,
     read_history,
@@ -67,7 +67,7 @@ def train(params: Params, data_dir: Path, out: ModelDir) -> list[dict[str, Any]]
 
     A restart after a crash or a kill resumes from last.pt, in the same MLflow run. A configuration that
     another queue worker is training at this moment is not trained twice: this one waits and takes its
-    outputs (aevae.train.once).
+    outputs (aevae.train.dedupe).
     """
     out.path.mkdir(parents=True, exist_ok=True)
     build_model(out.config, params)  # a bad configuration is an error before the data is read

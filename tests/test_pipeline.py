@@ -291,7 +291,7 @@ def test_changing_only_reconstruct_reruns_evaluation(repo, env):
         after = json.loads((repo / "metrics/eval.json").read_text())
         assert abs(after["vae"]["psnr"] - before["vae"]["psnr"]) > 0.1  # half as bright: re-measured, not stale
         assert after["ae"] == before["ae"] and after["ae_code"] == before["ae_code"]
-    finally:
+    finally:  # evaluate again: its MLflow runs must hold the baseline's scores again, not the edit's
         models.write_text(original)
         run(["dvc", "repro", "--single-item", "evaluate"], repo, env)
     assert json.loads((repo / "metrics/eval.json").read_text()) == before

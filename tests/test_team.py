@@ -29,8 +29,7 @@ def server(tmp_path_factory, env):
     """A basic-auth MLflow server with three team members' accounts."""
     server = TrackingServer(tmp_path_factory.mktemp("server"), env, auth=True)
     server.start()
-    for name, password in USERS.items():
-        server.create_user(name, password)
+    server.create_users(USERS)
     yield server
     server.kill()
 

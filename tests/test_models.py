@@ -13,6 +13,7 @@ from aevae.models.contract import Model, active_units
 from aevae.models.conv import conv_decoder, conv_encoder
 from aevae.models.registry import MODELS, build_model
 from aevae.models.vae import VAE, kl_divergence, reconstruction_error
+from aevae.train.state import read_history, start_or_resume, train_one_epoch, write_history
 
 DEFAULT_SETTINGS = {"ae": {}, "ae_code": {"latent_dim": 8}, "vae": {"latent_dim": 8, "beta": 1.0}}
 
@@ -154,7 +155,7 @@ def test_bad_model_settings_are_one_line_errors_naming_the_key(entry, message):
         build_model("other", Params(models={"m": entry}))
 
 
-def test_the_contract_answers_what_the_report_asks():
+def test_the_contract_answers_what_the_report_asks(tmp_path):
     models = {kind: build_model(kind, small_params(32)) for kind in MODELS}
     generative = {kind for kind, m in models.items() if m.generative}
     assert generative == {"vae"}
@@ -179,7 +180,15 @@ def test_the_contract_answers_what_the_report_asks():
                 model.interpolate(x, 5)
             assert model.elbo({"loss": 1.0}) == {}
             assert model.neg_elbo_term is None and model.rate_term is None and model.elbo_words({}) == ""
-        assert all(f"val_{t}" for t in model.curve_terms)
+    # The terms the report plots beside the loss are columns of the history one epoch of training writes.
+    assert models["vae"].curve_terms == ("recon", "kl") and models["ae"].curve_terms == ()
+    params, cpu = small_params(32), torch.device("cpu")
+    stored = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)  # as prepare stores images
+    for kind, model in models.items():
+        state = start_or_resume(kind, 0, params, tmp_path / f"{kind}-none.pt", {}, cpu)
+        write_history(tmp_path / f"{kind}.csv", [train_one_epoch(state, stored, stored, params, cpu)])
+        columns = set(read_history(tmp_path / f"{kind}.csv")[0])
+        assert {f"val_{t}" for t in model.curve_terms} <= columns, (kind, columns)
 
 
 def test_checkpoints_are_loaded_without_running_pickled_code(tmp_path):

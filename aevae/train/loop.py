@@ -30,11 +30,11 @@ def run_epoch(model: Model, images: Tensor, *, batch_size: int, device: torch.de
                total=math.ceil(len(images) / batch_size), mininterval=1.0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.set_grad_enabled(training):
-        for x in bar:
+        for batch, x in enumerate(bar, start=1):  # not bar.n: a disabled bar (TQDM_DISABLE) never counts
             with autocast:
                 loss = model.loss(x, epoch=epoch)
             if not torch.isfinite(loss.value):
-                raise FloatingPointError(f"loss is {loss.value.item()} in batch {bar.n + 1}")
+                raise FloatingPointError(f"loss is {loss.value.item()} in batch {batch}")
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.value.backward()

@@ -4,6 +4,7 @@ remote's run-cache into one DVC experiment that equals a local `dvc repro` of th
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import TINY, copy_project, exp_metrics, merged, project_env, run, slurm_cluster_at
+from aevae.cluster.study import default_setup
+from tests.conftest import TINY, copy_project, exp_metrics, merged, one_line_error, project_env, run, slurm_cluster_at
 from tests.slurm_cluster import SlurmCluster
 
 # The VAE at two seeds, one thread per training: Slurm runs both at once on two cores, and a local
@@ -71,6 +73,10 @@ def test_dry_run_prints_the_scripts_and_refuses_what_jobs_could_not_see(tmp_path
     run(["git", "commit", "-qam", "no default remote"], repo, env)
     result = aevae(["slurm", "submit", "--dry-run"], repo, env)
     assert result.returncode == 1 and "no default DVC remote in the commit's .dvc/config" in result.stderr
+    outside = tmp_path / "not-a-clone"
+    shutil.copytree(repo, outside, ignore=shutil.ignore_patterns(".git"))
+    one_line_error(aevae(["slurm", "submit", "--dry-run"], outside, env),
+                   f"{outside} is not a git repository: the jobs clone a commit")
 
 
 def training_runs(store: str) -> list[tuple[str, int]]:
@@ -166,6 +172,46 @@ def test_a_failed_job_is_named_with_its_log_and_what_waited_never_runs(submitted
     assert (f"Error: study broken: prepare failed (exit 3); its log: {workdir}/broken/logs/"
             f"prepare-{broken['jobs']['prepare']}.out") in result.stderr
     assert not list((workdir / "broken/jobs").glob("train@*"))  # no training started after the failure
+    waited = never_ran(submitted.cluster, [broken["jobs"]["train"], broken["jobs"]["final"]])
+    assert all(r["JobState"] == "CANCELLED" for r in waited), waited  # Slurm cancelled what waited on it
     listed = aevae(["slurm", "status", "--workdir", str(workdir)], repo, env).stdout
     studies = {path.parent.name for path in workdir.glob("*/study.json")}
     assert {"first", "broken"} <= studies and all(name in listed for name in studies)
+
+
+def never_ran(cluster: SlurmCluster, jobs: list[str], timeout: float = 90) -> list[dict[str, str]]:
+    """The controller's records of `jobs` (a pending array is one record) once each has ended, asserting
+    that none ever started on a node."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = cluster.job_records()
+        found = {job: [r for r in records if job in (r.get("JobId"), r.get("ArrayJobId"))] for job in jobs}
+        if all(found.values()):
+            records = [r for rs in found.values() for r in rs]
+            assert all(r["NodeCnt"] == "0" for r in records), records
+            return records
+        time.sleep(1)
+    raise TimeoutError(f"jobs {jobs} still wait after {timeout:g} s: {cluster.job_records()}")
+
+
+@pytest.mark.slow
+def test_a_failed_training_is_named_with_its_log_and_the_final_job_never_runs(submitted):
+    """Task 1 of the array dies (its setup exits 4, as a job that loses its node or environment would); task
+    0 is restored from the run-cache and succeeds. The study reports the failed training, and Slurm cancels
+    the final job that waited on the whole array."""
+    repo, env, workdir = submitted.repo, submitted.env, submitted.workdir
+    setup = f'if [ "${{SLURM_ARRAY_TASK_ID:-}}" = 1 ]; then exit 4; fi; {default_setup()}'
+    result = aevae(["slurm", "submit", "--name", "one-failed", "--workdir", str(workdir), "--setup", setup], repo, env)
+    assert result.returncode == 0, result.stderr
+    result = aevae(["slurm", "status", "one-failed", "--workdir", str(workdir), "--wait", "--timeout", "180"], repo,
+                   env)
+    study = json.loads((workdir / "one-failed/study.json").read_text())
+    one_line_error(result, f"Error: study one-failed: train@vae-1 failed (exit 4); its log: {workdir}/one-failed/logs/"
+                           f"train-{study['jobs']['train']}_1.out")
+    assert (workdir / "one-failed/status/train@vae-0.ok").exists()
+    final = never_ran(submitted.cluster, [study["jobs"]["final"]])
+    assert [r["JobState"] for r in final] == ["CANCELLED"]
+    assert not (workdir / "one-failed/jobs/final").exists() and not (workdir / "one-failed/status/final.ok").exists()
+    listed = aevae(["slurm", "status", "one-failed", "--workdir", str(workdir)], repo, env)
+    one_line_error(listed, "study one-failed has a failed job")
+    assert "train@vae-1" in listed.stdout and "failed (exit 4)" in listed.stdout and "CANCELLED" in listed.stdout

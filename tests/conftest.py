@@ -70,7 +70,7 @@ def copy_project(dst: Path, overrides: dict = TINY) -> Path:
                             capture_output=True, text=True, check=True).stdout.split("\0")
     skip = ("dvc.lock", "models/", "metrics/", "data/prepared", "reports/")
     for name in filter(None, listed):
-        if name.startswith(skip) or not (REPO / name).exists():
+        if (name.startswith(skip) and name != "models/README.md") or not (REPO / name).exists():
             continue
         (dst / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, dst / name)

@@ -77,18 +77,20 @@ def test_folder_limit_caps_the_number_of_images(image_folder, tmp_path):
     assert sum(prepared.counts.values()) == 12
 
 
-def test_bad_files_are_skipped_and_listed(image_folder, tmp_path):
+def test_bad_files_are_skipped_and_listed_and_hidden_ones_ignored(image_folder, tmp_path):
     (image_folder / "empty.jpg").write_bytes(b"")
     (image_folder / "notes.png").write_text("not an image")
     good = image_folder / "a" / "img_01.png"
     (image_folder / "truncated.png").write_bytes(good.read_bytes()[:200])
-    (image_folder / ".hidden.png").write_text("ignored: hidden")
+    (image_folder / ".hidden.png").write_bytes(good.read_bytes())  # good images, hidden: never read
+    (image_folder / ".thumbnails").mkdir()
+    (image_folder / ".thumbnails" / "img_01.png").write_bytes(good.read_bytes())
     os.symlink(image_folder, image_folder / "loop")  # a symlink loop must not hang the scan
     out = tmp_path / "prepared"
     prepared = prepare(folder_params(image_folder), seed=0, out=out)
     manifest = json.loads((out / "manifest.json").read_text())
     skipped = {s["path"] for s in manifest["skipped"]}
-    assert {"empty.jpg", "notes.png", "truncated.png"} <= skipped
+    assert skipped == {"empty.jpg", "notes.png", "truncated.png"}
     assert manifest["skipped_count"] == len(manifest["skipped"]) == len(prepared.skipped)
     assert sum(manifest["counts"].values()) == 24
     assert all(s["reason"] for s in manifest["skipped"])

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
@@ -571,3 +572,26 @@ def test_a_configuration_trained_before_is_restored_not_trained_again(repo, env,
     after = runs(repo)
     assert len(after) == len(before)  # no MLflow run: nothing was trained, evaluated or reported again
     assert "again" in exp_metrics(repo, env)
+
+
+@pytest.mark.parametrize(("change", "error"), [
+    (["-S", "train.seeds=[]"], "Error: params.yaml: train.seeds: List should have at least 1 item"),
+    (["-S", "train.seeds=[a]"], "Error: params.yaml: train.seeds.0: Input should be a valid integer"),
+    ({"models": {}}, "Error: params.yaml: models: Dictionary should have at least 1 item"),  # -S merges a {}
+])
+def test_a_study_of_no_training_is_one_line_naming_the_key(repo, env, change, error):
+    """In a fresh copy (--temp, as queued experiments run) prepare and features come from the cache and no
+    training stage exists: the first stage that runs checks params.yaml, rather than DVC finding no models/."""
+    params = (repo / "params.yaml").read_text()
+    if isinstance(change, dict):
+        (repo / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load(params), **change}, sort_keys=False))
+    try:
+        result = subprocess.run(["dvc", "exp", "run", "--temp", *(change if isinstance(change, list) else [])],
+                                cwd=repo, env=env, capture_output=True, text=True)
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    ours = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(ours) == 1 and ours[0].startswith(error), result.stderr[-2000:]
+    assert "No such file or directory" not in result.stderr
+    assert not subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout

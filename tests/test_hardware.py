@@ -1,18 +1,50 @@
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
 from aevae.machine import device as hardware
 
 
-@pytest.mark.parametrize(("flags", "expected"), [({"avx2", "fma"}, "fp32"), ({"avx512f", "avx512_bf16"}, "bf16"),
-                                                 ({"avx512f", "amx_bf16", "amx_tile"}, "bf16"), (set(), "fp32")])
-def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16_units(monkeypatch, flags, expected):
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+def cpuinfo(path: Path, flags: str) -> Path:
+    """/proc/cpuinfo as Linux writes it for two cores, with `flags` (an Intel CPU also lists "vmx flags")."""
+    core = ("processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: Test CPU\nflags\t\t: {flags}\n"
+            "vmx flags\t: vnmi preemption_timer amx_bf16 avx512_bf16\nbugs\t\t: spectre_v1\n\n")
+    path.write_text("".join(core.format(n=n, flags=flags) for n in range(2)))
+    return path
+
+
+COMMON = "fpu vme de pse tsc msr pae sse sse2 ssse3 sse4_1 sse4_2 avx"
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (f"{COMMON} avx2 fma", "fp32"),  # e.g. Haswell to Ice Lake clients: bf16 only emulated, slow
+    (f"{COMMON} avx2 avx512f avx512bw avx512_bf16", "bf16"),  # Cooper Lake, Zen 4
+    (f"{COMMON} avx2 avx512f amx_bf16 amx_tile avx512_bf16", "bf16"),  # Sapphire Rapids
+    (f"{COMMON} avx2 avx512f avx512_vnni", "fp32"),  # Cascade Lake: AVX-512 but no bf16 units
+    ("", "fp32"),
+])
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16_units(tmp_path, flags, expected):
+    path = cpuinfo(tmp_path / "cpuinfo", flags)
     cpu = torch.device("cpu")
-    assert hardware.pick_precision("auto", cpu) == expected
-    assert hardware.pick_precision("fp32", cpu) == "fp32" and hardware.pick_precision("bf16", cpu) == "bf16"
-    isa = hardware.cpu_isa()
-    assert isa.startswith(torch.backends.cpu.get_cpu_capability()) and ("AMX-BF16" in isa) == ("amx_bf16" in flags)
+    assert hardware.cpu_flags(path) == set(flags.split())  # the "flags" line, not "vmx flags"
+    assert hardware.pick_precision("auto", cpu, path) == expected
+    assert hardware.pick_precision("fp32", cpu, path) == "fp32" and hardware.pick_precision("bf16", cpu, path) == "bf16"
+    isa = hardware.cpu_isa(path)
+    assert isa.startswith(torch.backends.cpu.get_cpu_capability())
+    assert ("AMX-BF16" in isa) == ("amx_bf16" in flags) and ("AVX512-BF16" in isa) == ("avx512_bf16" in flags)
+
+
+def test_this_machines_cpu_is_read_from_proc_cpuinfo(tmp_path):
+    """The real file: the first flags line, as grep finds it; no file (not Linux) is no flags and fp32."""
+    listed = subprocess.run(["grep", "-m1", "^flags", "/proc/cpuinfo"], capture_output=True, text=True).stdout
+    flags = set(listed.partition(":")[2].split())
+    assert flags and hardware.cpu_flags() == flags
+    native = bool(flags & {"amx_bf16", "avx512_bf16"})
+    assert hardware.pick_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert hardware.cpu_flags(tmp_path / "none") == set()
+    assert hardware.pick_precision("auto", torch.device("cpu"), tmp_path / "none") == "fp32"
 
 
 def test_cuda_asked_for_without_a_gpu_is_a_clear_error():

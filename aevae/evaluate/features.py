@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from aevae import AevaeError
 from aevae.config.schema import Params
 from aevae.data.load import load_split
-from aevae.evaluate.inception import InceptionUnavailable, find_inception
+from aevae.evaluate.inception import Inception, InceptionUnavailable, find_inception
 from aevae.evaluate.params import EvalParams
 from aevae.files.atomic import atomic_path, write_text
 from aevae.machine.device import cpu_isa, pick_device
@@ -79,15 +80,17 @@ def _device_words(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_isa()})"
 
 
-def extract_test_features(params: Params, settings: EvalParams, data_dir: Path, out: Path) -> FidStatus:
+def extract_test_features(params: Params, settings: EvalParams, data_dir: Path, out: Path,
+                          find: Callable[[], Inception] = find_inception) -> FidStatus:
     """The `features` stage: the test images' Inception features (out/features.npy) and out/inception.json.
-    Not computed: measures the extractor's cost per image on a few test images instead, for the report."""
+    Not computed: measures the extractor's cost per image on a few test images instead, for the report.
+    `find` searches the weights (a test passes find_inception with a weight file that is not there)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "features.npy").unlink(missing_ok=True)
     test, device = load_split(data_dir, "test"), pick_device(params.train.device)
     skip = skip_reason(settings.fid, device)
     try:
-        inception = find_inception()
+        inception = find()
     except InceptionUnavailable as err:
         if settings.require_fid:
             raise

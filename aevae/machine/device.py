@@ -18,10 +18,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
+    """The CPU's feature flags as Linux lists them in `cpuinfo` (empty elsewhere)."""
     try:
-        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+        lines = cpuinfo.read_text(encoding="utf-8").splitlines()
     except OSError:
         return set()
     return set(next((line for line in lines if line.startswith("flags")), "").partition(":")[2].split())
@@ -30,14 +33,14 @@ def cpu_flags() -> set[str]:
 BF16_CPU_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}  # native bf16 matrix/vector units
 
 
-def cpu_isa() -> str:
+def cpu_isa(cpuinfo: Path = CPUINFO) -> str:
     """What the CPU offers torch's kernels: torch's vector capability plus native bf16 units, e.g.
     "AVX512 + AMX-BF16 + AVX512-BF16" or "AVX2"."""
-    flags = cpu_flags()
+    flags = cpu_flags(cpuinfo)
     return " + ".join([torch.backends.cpu.get_cpu_capability(), *(n for f, n in BF16_CPU_FLAGS.items() if f in flags)])
 
 
-def pick_precision(name: str, device: torch.device) -> str:
+def pick_precision(name: str, device: torch.device, cpuinfo: Path = CPUINFO) -> str:
     """train.precision: auto is bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU
     with AMX or AVX512-BF16) and fp32 elsewhere: on an AVX2-only CPU bf16 autocast is many times slower
     (bench/results.md, Precision: quality)."""
@@ -45,4 +48,4 @@ def pick_precision(name: str, device: torch.device) -> str:
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_flags() & set(BF16_CPU_FLAGS) else "fp32"
+    return "bf16" if cpu_flags(cpuinfo) & set(BF16_CPU_FLAGS) else "fp32"

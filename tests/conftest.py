@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,21 @@ def one_line_error(result: subprocess.CompletedProcess, message: str = "") -> st
     assert errors == [len(lines) - 1], f"not one error line, or not the last:\n{result.stderr[-2000:]}"
     assert message in lines[-1], (message, lines[-1])
     return lines[-1]
+
+
+def wait_for_epoch(path: Path, epoch: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the training `proc` has saved `epoch` in `path` (its last.pt); fails if it ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if path.exists():
+            try:
+                if torch.load(path, weights_only=True)["epoch"] >= epoch:
+                    return
+            except (EOFError, RuntimeError):  # caught between two writes of the same name: try again
+                pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} never reached epoch {epoch}")
 
 
 def copy_project(dst: Path, overrides: dict = TINY) -> Path:

@@ -4,7 +4,6 @@ import json
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import mlflow
@@ -16,7 +15,7 @@ from aevae.config.load import load_params
 from aevae.data.prepare import prepare
 from aevae.files.model_dir import ModelDir
 from aevae.train.stage import train
-from tests.conftest import one_line_error, project_env, train_command
+from tests.conftest import one_line_error, project_env, train_command, wait_for_epoch
 
 pytestmark = pytest.mark.slow
 FAULT_PARAMS = {"epochs": 6, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 200},
@@ -40,20 +39,6 @@ def fault_setup(tmp_path, write_params, store):
 
 def out(models: Path) -> Path:
     return models / "vae" / "seed0"
-
-
-def wait_for_epoch(path: Path, epoch: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if path.exists():
-            try:
-                if torch.load(path, weights_only=True)["epoch"] >= epoch:
-                    return
-            except (EOFError, RuntimeError):  # caught between two writes of the same name: try again
-                pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} never reached epoch {epoch}")
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:

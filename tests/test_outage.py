@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, project_env, train_command
+from aevae.config.load import load_params
+from aevae.data.prepare import prepare
+from tests.conftest import REPO, one_line_error, project_env, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +99,20 @@ def test_metrics_survive_two_outages_and_arrive_in_order(tmp_path, env, write_pa
     assert mlflow.models.get_model_info(f"runs:/{run_id}/model").metadata["aevae_kind"] == "ae"
     print(f"outage 1: server down after epoch {down_at} for {outage_seconds:.1f} s, {back_at - down_at} epochs "
           f"ended meanwhile; outage 2 from epoch {EPOCHS - 3} past the end; all {EPOCHS} epochs arrived once")
+
+
+def test_a_server_that_is_down_when_training_starts_is_a_one_line_error_before_any_epoch(tmp_path, env,
+                                                                                        write_params):
+    params = write_params({"data": {"image_size": 32, "builtin_size": 60}})
+    prepare(load_params(params).data, seed=0, out=tmp_path / "prepared")
+    with socket.socket() as free:  # a port nothing listens on: the server is down
+        free.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{free.getsockname()[1]}"
+    start = time.monotonic()
+    result = subprocess.run(train_command(params, "prepared", "models"), cwd=tmp_path, capture_output=True, text=True,
+                            env={**env, "MLFLOW_TRACKING_URI": uri})
+    seconds = time.monotonic() - start
+    one_line_error(result, f"Error: cannot log to the MLflow store: MLflow at {uri} does not answer (connection "
+                           "refused); start the server")
+    assert not [p.name for p in (tmp_path / "models").rglob("*") if p.is_file()]  # no epoch ran
+    assert seconds < 60, f"{seconds:.0f} s before the error: MLflow's client retried for minutes"

@@ -1,4 +1,7 @@
 import json
+import math
+import os
+import subprocess
 
 import mlflow
 import pandas as pd
@@ -9,8 +12,10 @@ from aevae.config.load import load_params
 from aevae.config.schema import DataParams
 from aevae.data.prepare import prepare
 from aevae.files.model_dir import ModelDir
+from aevae.machine.device import cpu_isa, pick_precision
 from aevae.models.checkpoints import load_model
 from aevae.models.vae import VAE
+from aevae.tracking.provenance import git_commit, run_tags
 from aevae.train.loop import make_optimizer
 from aevae.train.stage import train, training_params
 
@@ -46,8 +51,11 @@ def test_vae_heads_learn_at_a_fan_in_scaled_rate():
 
 
 @pytest.mark.parametrize("kind", ["ae", "vae"])
-def test_training_writes_checkpoints_history_and_an_mlflow_run(kind, tiny_data, store, tmp_path, write_params):
-    params = load_params(write_params({"epochs": 2, "batch_size": 16, "data": {"image_size": 32}}))
+def test_training_writes_checkpoints_history_and_an_mlflow_run(kind, tiny_data, store, tmp_path, write_params,
+                                                               monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # were they on, they would be sampled
+    params = load_params(write_params({"epochs": 2, "batch_size": 16, "data": {"image_size": 32},
+                                       "tracking": {"system_metrics": False}}))
     out = tmp_path / kind / "seed0"
     history = train(params, tiny_data, ModelDir(out))
 
@@ -76,6 +84,45 @@ def test_training_writes_checkpoints_history_and_an_mlflow_run(kind, tiny_data, 
     assert [m.step for m in steps] == [1, 2]
     artifacts = {a.path for a in mlflow.MlflowClient(store).list_artifacts(run_id)}
     assert {"checkpoints", "history.csv"} <= artifacts
+    assert not [m for m in run.data.metrics if m.startswith("system/")]  # tracking.system_metrics: false
+    # What train.precision: auto chose on this machine, and where it ran, are tags of the run.
+    assert run.data.tags["precision"] == pick_precision("auto", torch.device("cpu"))
+    assert run.data.tags["device"] == cpu_isa()
+    assert run.data.tags["git_commit"] == git_commit() != "unknown"  # the tests run in the project's git clone
+
+
+def test_bf16_autocast_trains_end_to_end_and_says_so(tiny_data, store, tmp_path, write_params):
+    """train.precision: bf16 on any CPU (natively with AVX512-BF16 or AMX, emulated and slow elsewhere): a
+    few batches train to finite losses that differ from fp32's, and the run's tag says bf16."""
+    histories, tags = {}, {}
+    for precision in ("fp32", "bf16"):
+        params = load_params(write_params({"epochs": 1, "batch_size": 16, "data": {"image_size": 32},
+                                           "train": {"threads": 1, "precision": precision},
+                                           "tracking": {"images_every": 0, "system_metrics": False}}))
+        out = ModelDir.of(tmp_path / precision, "vae", 0)
+        histories[precision] = train(params, tiny_data, out)
+        run_id = json.loads(out.run_file.read_text())["run_id"]
+        tags[precision] = mlflow.MlflowClient(store).get_run(run_id).data.tags
+    assert all(math.isfinite(v) for h in histories.values() for row in h for v in row.values())
+    assert histories["bf16"][0]["val_loss"] != histories["fp32"][0]["val_loss"]  # bf16 rounding took part
+    assert histories["bf16"][0]["val_loss"] == pytest.approx(histories["fp32"][0]["val_loss"], rel=0.05)
+    assert (tags["fp32"]["precision"], tags["bf16"]["precision"]) == ("fp32", "bf16")
+
+
+def test_the_git_commit_tag_is_the_commit_trained_from_or_unknown_outside_git(tmp_path, monkeypatch):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.org", "PATH": os.environ["PATH"]}
+    for command in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "one"]):
+        subprocess.run(["git", *command], cwd=clone, env=env, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    monkeypatch.chdir(clone)
+    assert run_tags("0" * 64, {})["git_commit"] == head and len(head) == 40
+    (tmp_path / "plain").mkdir()
+    monkeypatch.chdir(tmp_path / "plain")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no git repository above it either
+    assert run_tags("0" * 64, {})["git_commit"] == "unknown"
 
 
 def test_training_is_reproducible(tiny_data, store, tmp_path, write_params):

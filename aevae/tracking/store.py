@@ -60,7 +60,21 @@ def store_error(err: Exception, what: str) -> AevaeError:
     if code == "PERMISSION_DENIED":
         return AevaeError(f"MLflow at {uri} does not let '{user}' {what}: ask its admin for EDIT permission on "
                           f"experiment '{EXPERIMENT}' (docs/team.md)")
+    down = _unreachable(str(err))
+    if down:
+        return AevaeError(f"cannot {what}: MLflow at {uri} does not answer ({down}); start the server, or point "
+                          "MLFLOW_TRACKING_URI at one that runs (unset, the store is mlflow.db at the repository root)")
     return AevaeError(f"cannot {what} ({uri}): {err}".replace("\n", " "))
+
+
+def _unreachable(message: str) -> str | None:
+    """Why a server could not be reached, in words, from the error MLflow's HTTP client raised; None when it
+    answered (with an error of its own)."""
+    for needle, words in (("Connection refused", "connection refused"), ("timed out", "no answer in time"),
+                          ("Name or service not known", "unknown host"), ("Max retries exceeded", "unreachable")):
+        if needle in message:
+            return words
+    return None
 
 
 def open_store() -> Any:
@@ -70,7 +84,8 @@ def open_store() -> Any:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        with store_lock(uri):
+        # A few tries, not MLflow's minutes of them: a server that is down is an error before any training.
+        with store_lock(uri), fail_fast(retries=2):
             experiment = mlflow.get_experiment_by_name(EXPERIMENT)  # also creates the schema of a new store
             if experiment is None:
                 mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri),
@@ -100,15 +115,14 @@ def existing_experiment_id(experiment: str = EXPERIMENT) -> str | None:
     return found.experiment_id if found else None
 
 
-FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-
-
 @contextmanager
-def fail_fast() -> Iterator[None]:
-    """One try, 10 s at most: MLflow's client retries a dead server for minutes (an outage stalled
-    training for longer than it lasted), and a training must not wait on it."""
-    saved = {key: os.environ.get(key) for key in FAIL_FAST}
-    os.environ.update(FAIL_FAST)
+def fail_fast(retries: int = 0) -> Iterator[None]:
+    """One try (or 1 + `retries`, 2 s then 4 s apart), 10 s each at most: MLflow's client retries a dead
+    server for minutes (4 at its defaults: an outage stalled training for longer than it lasted), and a
+    training must not wait on it."""
+    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:

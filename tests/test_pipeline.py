@@ -20,7 +20,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from aevae.evaluate.inception import FID_HELPER_SHA256, fid_helper_file
 from aevae.report.grid import GAP, TILE_SCALE
-from tests.conftest import MODELS, copy_project, exp_metrics, project_env, run
+from tests.conftest import MODELS, copy_project, exp_metrics, one_line_error, project_env, run
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -225,8 +225,22 @@ def test_reconstruct_takes_an_mlflow_model_uri(repo, env, tmp_path):
         assert (tmp_path / f"uri/p{i}.png").read_bytes() == (tmp_path / f"pt/p{i}.png").read_bytes()
     bad = subprocess.run(["aevae", "reconstruct", "runs:/0123456789abcdef/model", str(photos)], cwd=repo, env=env,
                          capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("Error: cannot load MLflow model")
+    one_line_error(bad, "Error: cannot load MLflow model")
     assert "Traceback" not in bad.stderr
+
+
+def test_the_studys_models_are_a_dvc_artifact_fetched_by_its_gto_tag(repo, env, tmp_path):
+    """docs/use.md: `git tag -a study-models@v1.0.0` on the committed study, then `dvc artifacts get` gives
+    its models/ folder: every training's outputs, byte for byte, and neither last.pt nor the folder's README."""
+    run(["git", "tag", "-a", "study-models@v1.0.0", "-m", "tiny study"], repo, env)
+    try:
+        run(["dvc", "artifacts", "get", ".", "study-models", "--rev", "v1.0.0", "-o", str(tmp_path / "got")], repo, env)
+    finally:
+        run(["git", "tag", "-d", "study-models@v1.0.0"], repo, env)
+    got = {p.relative_to(tmp_path / "got").as_posix() for p in (tmp_path / "got").rglob("*") if p.is_file()}
+    expected = {f"{config}/seed0/{name}" for config in MODELS for name in ("best.pt", "run.json", "history.csv")}
+    assert got == expected
+    assert all((tmp_path / "got" / name).read_bytes() == (repo / "models" / name).read_bytes() for name in got)
 
 
 def test_second_repro_does_nothing(repo, env):

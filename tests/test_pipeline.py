@@ -597,6 +597,7 @@ def test_a_study_of_no_training_is_one_line_naming_the_key(repo, env, change, er
     """In a fresh copy (--temp, as queued experiments run) prepare and features come from the cache and no
     training stage exists: the first stage that runs checks params.yaml, rather than DVC finding no models/."""
     params = (repo / "params.yaml").read_text()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
     if isinstance(change, dict):
         (repo / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load(params), **change}, sort_keys=False))
     try:
@@ -608,4 +609,4 @@ def test_a_study_of_no_training_is_one_line_naming_the_key(repo, env, change, er
     ours = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(ours) == 1 and ours[0].startswith(error), result.stderr[-2000:]
     assert "No such file or directory" not in result.stderr
-    assert not subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == status

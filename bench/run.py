@@ -243,7 +243,7 @@ def measure_inception_baseline(n: int) -> dict:
 
 
 def measure_prepare_ours(n: int) -> dict:
-    from aevae.config.schema import DataParams
+    from aevae.data.params import DataParams
     from aevae.data.prepare import prepare
 
     start = time.perf_counter()
@@ -290,8 +290,8 @@ def setup(n_train: int, n_jpegs: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from aevae.config.schema import DataParams
     from aevae.data.load import load_split
+    from aevae.data.params import DataParams
     from aevae.data.prepare import prepare
 
     OUT.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def generate(n: int) -> None:
 
 
 def step_prepare() -> dict:
-    from aevae.config.schema import DataParams
+    from aevae.data.params import DataParams
     from aevae.data.prepare import prepare
 
     start = time.perf_counter()

@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 
 from aevae import AevaeError
-from aevae.config.schema import DataParams
 from aevae.data.builtin import BUILTIN_PHOTOS, NEAR_DUPLICATE_PSNR_DB, builtin_cells, psnr_to_each
 from aevae.data.decode import load_image
 from aevae.data.load import load_split, read_test_units
+from aevae.data.params import DataParams
 from aevae.data.prepare import prepare
 from aevae.data.split import split_sizes
 from tests.conftest import random_photo

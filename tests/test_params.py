@@ -4,7 +4,8 @@ import pytest
 
 from aevae import AevaeError
 from aevae.config.load import load_params
-from aevae.config.schema import Params
+from aevae.config.schema import Params, TrainingData
+from aevae.data.params import DataParams, load_data_params
 from aevae.evaluate.params import EvalParams, load_eval_params
 from aevae.report.params import ReportParams, load_report_params
 
@@ -14,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repository_params_load_and_match_the_documented_defaults():
     params = load_params(REPO / "params.yaml")
     # params.yaml and the typed defaults must not drift apart; eval: and report: are checked by their stages
-    assert params.model_copy(update={"eval": {}, "report": {}}) == Params()
+    assert params.model_copy(update={"eval": {}, "report": {}, "data": TrainingData()}) == Params()
+    assert load_data_params(REPO / "params.yaml") == DataParams()
     assert params.lr == 0.002 and params.data.image_size == 64
     assert load_eval_params(REPO / "params.yaml") == EvalParams()
     assert load_report_params(REPO / "params.yaml") == ReportParams()
@@ -26,14 +28,14 @@ def test_flat_names_match_dvc_keys():
     assert flat["lr"] == 0.002
     assert flat["models.vae.beta"] == 1.0 and flat["models.ae.kind"] == "ae"
     assert flat["train.seeds"] == [0]
-    assert "data.source" in flat
+    assert "data.source" not in flat  # the schema training reads knows data.image_size only ...
+    assert load_params(REPO / "params.yaml").flat()["data.groups"] == "file"  # ... and passes the rest on
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),
-        ({"data": {"sorce": "web"}}, "unknown key 'data.sorce'"),
         ({"vae": {"beta": 1.0}}, "unknown key 'vae': the VAE's settings moved under models:"),
         ({"train": {"seed": 1}}, "unknown key 'train.seed': train.seed became train.seeds"),
         ({"train": {"seeds": [0, 0]}}, "train.seeds lists a seed twice"),
@@ -43,9 +45,7 @@ def test_flat_names_match_dvc_keys():
         ({"lr": -1.0}, "lr: Input should be greater than 0"),
         ({"epochs": "ten"}, "epochs: Input should be a valid integer"),
         ({"epochs": True}, "epochs: Input should be a valid integer"),
-        ({"data": {"source": "web"}}, "data.source: Input should be 'builtin' or 'folder'"),
         ({"data": {"image_size": 60}}, "must be a multiple of 8"),
-        ({"data": {"val_fraction": 0.5, "test_fraction": 0.5}}, "must be below 1"),
     ],
 )
 def test_bad_params_are_rejected_with_the_key_named(write_params, overrides, message):
@@ -65,12 +65,19 @@ def test_bad_params_are_rejected_with_the_key_named(write_params, overrides, mes
         (load_eval_params, {"eval": [1, 2]}, "eval must be a mapping of keys to values"),
         (load_report_params, {"report": {"grid_images": 0}}, "report.grid_images: Input should be greater"),
         (load_report_params, {"report": {"colour": "red"}}, "unknown key 'report.colour'"),
+        (load_data_params, {"data": {"sorce": "web"}}, "unknown key 'data.sorce'"),
+        (load_data_params, {"data": {"source": "web"}}, "data.source: Input should be 'builtin' or 'folder'"),
+        (load_data_params, {"data": {"image_size": 60}}, "must be a multiple of 8"),
+        (load_data_params, {"data": {"val_fraction": 0.5, "test_fraction": 0.5}}, "must be below 1"),
+        (load_data_params, {"data": {"groups": "folders"}}, "data.groups must be file, folder or the path of a .csv"),
+        (load_data_params, {"data": {"groups": "folder"}}, "data.groups: folder applies to data.source: folder"),
     ],
 )
-def test_the_eval_and_report_sections_are_checked_by_their_stages_with_the_key_named(write_params, load, overrides,
+def test_the_eval_report_and_data_sections_are_checked_by_their_stages_with_the_key_named(write_params, load, overrides,
                                                                                   message):
-    """Checked where they are read (aevae.evaluate.params, aevae.report.params), so that the schema every
-    training imports holds no evaluation or report option: adding one retrains nothing."""
+    """Checked where they are read (aevae.evaluate.params, aevae.report.params, aevae.data.params), so that
+    the schema every training imports holds no evaluation, report or data option but the image size:
+    adding one retrains nothing."""
     path = write_params(overrides)
     with pytest.raises(AevaeError) as err:
         load(path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aevae.config.load import load_params
-from aevae.config.schema import DataParams
+from aevae.data.params import DataParams
 from aevae.data.prepare import prepare
 from aevae.files.model_dir import ModelDir
 from aevae.machine.device import cpu_isa, pick_precision

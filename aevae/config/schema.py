@@ -1,8 +1,9 @@
 """The keys of params.yaml that the data and every training read, typed and checked.
 
-The `eval:` and `report:` sections are checked by the stages that read them (aevae.evaluate.params,
-aevae.report.params), not here: this module is in every training's import closure, so DVC would retrain
-every model when an evaluation or report option is added. Here they are mappings, passed on as written.
+The `eval:` and `report:` sections, and `data:` but its image size, are checked by the stages that read them
+(aevae.evaluate.params, aevae.report.params, aevae.data.params), not here: this module is in every
+training's import closure, so DVC would retrain every model when such an option is added. Here they are
+passed on as written.
 """
 
 from __future__ import annotations
@@ -18,25 +19,19 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class DataParams(Section):
-    source: Literal["builtin", "folder"] = "builtin"
-    path: str = "data/raw"
+class TrainingData(BaseModel):
+    """What every training reads of `data:`: the image size. The rest of the section (where the images come
+    from, how they are split) is checked by the prepare stage, which reads it (aevae.data.params): a new data
+    option is a change there, and DVC retrains nothing. Here those keys are passed on as written."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
     image_size: int = Field(64, ge=8)
-    builtin_size: int = Field(2000, ge=10)
-    limit: int = Field(0, ge=0)
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    test_fraction: float = Field(0.1, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _check(self) -> DataParams:
+    def _check_size(self) -> TrainingData:
         if self.image_size % 8:
             raise ValueError(
                 f"data.image_size must be a multiple of 8 (three stride-2 convolutions), got {self.image_size}"
-            )
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(
-                "data.val_fraction + data.test_fraction must be below 1 so that some images are left "
-                f"for training, got {self.val_fraction} + {self.test_fraction}"
             )
         return self
 
@@ -82,7 +77,7 @@ class Params(Section):
     batch_size: int = Field(64, ge=2)  # BatchNorm needs at least two images per batch
     weight_decay: float = Field(1e-5, ge=0)
     models: dict[str, ModelEntry] = Field(default_factory=_default_models, min_length=1)
-    data: DataParams = DataParams()
+    data: TrainingData = TrainingData()  # the rest of data: is checked by aevae.data.params
     train: TrainParams = TrainParams()
     tracking: TrackingParams = TrackingParams()
     eval: dict[str, Any] = Field(default_factory=dict)  # checked by aevae.evaluate.params

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from aevae import AevaeError
-from aevae.config.schema import DataParams
+from aevae.data.params import DataParams
 from aevae.data.split import split_sizes
 
 # Real photographs that ship inside scikit-image, so the default pipeline needs no download.

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -15,11 +16,13 @@ import numpy as np
 from tqdm import tqdm
 
 from aevae import AevaeError
-from aevae.config.schema import DataParams
 from aevae.data.builtin import BUILTIN_PHOTOS, NEAR_DUPLICATE_PSNR_DB, builtin_crops
 from aevae.data.decode import UnusableImage, list_files, load_image
+from aevae.data.groups import Grouping, group_files
 from aevae.data.load import MANIFEST, TEST_UNITS
-from aevae.data.split import SPLITS, split_sizes
+from aevae.data.near_duplicates import find_near_duplicates
+from aevae.data.params import DataParams
+from aevae.data.split import SPLITS, group_split, split_sizes
 
 
 @dataclass
@@ -30,6 +33,11 @@ class Prepared:
     test_units: list[str]
     skipped: list[dict[str, str]] = field(default_factory=list)
     sha256: str = ""
+    # A folder's: how its files were grouped, the groups per split, the images the fractions asked for, and
+    # the near-duplicates of test images found in the training split (aevae.data.near_duplicates).
+    grouping: dict | None = None
+    targets: dict[str, int] | None = None
+    near_duplicates: dict | None = None
 
 
 def _open_npy(path: Path, n: int, size: int) -> BinaryIO:
@@ -77,17 +85,31 @@ def _decode_folder(root: Path, files: list[Path], wanted: int, size: int, stagin
     return used, skipped
 
 
-def _prepare_folder(params: DataParams, seed: int, out: Path) -> Prepared:
-    root = Path(params.path)
-    files = list_files(root)
-    files = [files[k] for k in np.random.default_rng(seed).permutation(len(files))]
-    size, staging = params.image_size, out / "all.raw"
-    used, skipped = _decode_folder(root, files, min(len(files), params.limit or len(files)), size, staging)
-    if not used:
-        raise AevaeError(f"data.path '{root}' holds no readable image ({len(files)} files tried, "
-                         f"{len(skipped)} unusable): add JPEG/PNG/WebP/BMP images")
-    counts = split_sizes(len(used), params.val_fraction, params.test_fraction)
-    # The files were taken in seeded random order, so consecutive ranges are a random split.
+def _in_group_order(files: list[Path], root: Path, grouping: Grouping, seed: int) -> list[Path]:
+    """The files group by group, the groups in seeded random order (with data.groups: file, a seeded
+    permutation of the files)."""
+    members: dict[str, list[Path]] = {}
+    for path in files:
+        members.setdefault(grouping.of[path.relative_to(root).as_posix()], []).append(path)
+    groups = list(members.values())
+    return [path for k in np.random.default_rng(seed).permutation(len(groups)) for path in groups[k]]
+
+
+def _split_counts(params: DataParams, used: list[str], grouping: Grouping) -> tuple[dict, dict, dict]:
+    """Images per split, groups per split and the images the fractions asked for. The used files come
+    group by group, so the splits are consecutive ranges of them."""
+    targets = split_sizes(len(used), params.val_fraction, params.test_fraction)
+    if not params.grouped:
+        return targets, dict(targets), targets
+    sizes = [len(list(run)) for _, run in itertools.groupby(used, key=grouping.of.__getitem__)]
+    groups = group_split(sizes, params.val_fraction, params.test_fraction)
+    ends = list(itertools.accumulate(sizes))
+    test_end, val_end = ends[groups["test"] - 1], ends[groups["test"] + groups["val"] - 1]
+    return {"train": len(used) - val_end, "val": val_end - test_end, "test": test_end}, groups, targets
+
+
+def _write_splits(staging: Path, out: Path, counts: dict[str, int], size: int) -> None:
+    """Copy the staged rows, in order, to test.npy, val.npy and train.npy, a chunk at a time."""
     with open(staging, "rb") as rows:
         for split in ("test", "val", "train"):
             with _open_npy(out / f"{split}.npy", counts[split], size) as f:
@@ -97,7 +119,27 @@ def _prepare_folder(params: DataParams, seed: int, out: Path) -> Prepared:
                     f.write(chunk)
                     remaining -= len(chunk)
     staging.unlink()
-    return Prepared(counts=counts, test_units=used[: counts["test"]], skipped=skipped)
+
+
+def _prepare_folder(params: DataParams, seed: int, out: Path) -> Prepared:
+    root = Path(params.path)
+    files, grouping = group_files(params, root, list_files(root))
+    files = _in_group_order(files, root, grouping, seed)
+    size, staging = params.image_size, out / "all.raw"
+    used, skipped = _decode_folder(root, files, min(len(files), params.limit or len(files)), size, staging)
+    if not used:
+        raise AevaeError(f"data.path '{root}' holds no readable image ({len(files)} files tried, "
+                         f"{len(skipped)} unusable): add JPEG/PNG/WebP/BMP images")
+    counts, group_counts, targets = _split_counts(params, used, grouping)
+    _write_splits(staging, out, counts, size)
+    found = find_near_duplicates(out, seed)
+    train_start = counts["test"] + counts["val"]
+    return Prepared(counts=counts, test_units=[grouping.of[name] for name in used[: counts["test"]]],
+                    skipped=skipped, targets=targets,
+                    grouping={"by": grouping.by, "csv_sha256": grouping.csv_sha256, "counts": group_counts},
+                    near_duplicates={**{k: v for k, v in asdict(found).items() if k != "pairs"},
+                                     "examples": [{"test": used[t], "train": used[train_start + k]}
+                                                  for t, k in found.pairs]})
 
 
 def content_hash(folder: Path) -> str:
@@ -122,6 +164,11 @@ def _manifest(params: DataParams, seed: int, prepared: Prepared) -> dict:
         "test_fraction": params.test_fraction,
         "counts": prepared.counts,
         "test_units": len(set(prepared.test_units)),  # independent units among the test images
+        # A folder's grouping (data.groups) and groups per split, the images per split that the fractions asked
+        # for, and the near-duplicates of test images found in the training split. (The built-in data's units
+        # are grid cells; its manifest is as before, so that its data hash, and every training, stands.)
+        **({} if builtin else {"groups": prepared.grouping, "target_counts": prepared.targets,
+                               "near_duplicates": prepared.near_duplicates}),
         # built-in: no two test images within this PSNR of each other (near-duplicates redrawn)
         "test_near_duplicate_psnr_db": NEAR_DUPLICATE_PSNR_DB if builtin else None,
         "skipped_count": len(prepared.skipped),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from aevae import AevaeError
 
 SPLITS = ("train", "val", "test")
@@ -18,3 +20,25 @@ def split_sizes(total: int, val_fraction: float, test_fraction: float) -> dict[s
             "add images, or raise data.limit / data.builtin_size"
         )
     return sizes
+
+
+def group_split(sizes: list[int], val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """How many of the groups, taken in the (seeded random) order of `sizes`, go to test, then validation,
+    then training: each cut falls on the group boundary nearest the images that the fraction asks for.
+
+    Whole groups in random order, rather than groups packed to hit the sizes exactly: packing would keep
+    the largest groups (the identity with most photos) out of the small test split, a selection the
+    report could not show. Each split gets at least one group, so three groups are the least."""
+    if len(sizes) < 3:
+        raise AevaeError(f"{len(sizes)} group(s) of images are too few for the train/val/test split, which needs "
+                         "three or more: add images of more groups, or check data.groups (docs/data.md, Groups)")
+    target = split_sizes(sum(sizes), val_fraction, test_fraction)
+    ends = list(itertools.accumulate(sizes))  # ends[k]: images in the first k + 1 groups
+
+    def boundary(first: int, last: int, wanted: int) -> int:
+        """The number of leading groups, in first..last, whose images come closest to `wanted`."""
+        return min(range(first, last + 1), key=lambda k: abs(ends[k - 1] - wanted))
+
+    test_end = boundary(1, len(sizes) - 2, target["test"])
+    val_end = boundary(test_end + 1, len(sizes) - 1, ends[test_end - 1] + target["val"])
+    return {"test": test_end, "val": val_end - test_end, "train": len(sizes) - val_end}

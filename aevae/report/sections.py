@@ -50,10 +50,43 @@ def _data_sentence(manifest: dict, units: int) -> str:
                   "(cells), and intervals resample cells, not images. Six photographs are a demo set, not a "
                   "benchmark: use your own folder for publishable numbers")
     else:
-        source = f"the images in {manifest['path']}, split at random; each test file is its own unit"
+        source = f"the images in {manifest['path']}, {_grouping_words(manifest, units)}"
     return (f"{counts['train']} training, {counts['val']} validation and {counts['test']} test images of "
             f"{manifest['image_size']}x{manifest['image_size']} RGB: {source}. {manifest['skipped_count']} "
             f"unreadable files skipped. Data sha256 {manifest['sha256'][:16]}.")
+
+
+def _grouping_words(manifest: dict, units: int) -> str:
+    """How a folder was split and what its test units are, with what the look for near-copies found."""
+    groups = manifest.get("groups") or {"by": "file"}
+    if groups["by"] == "file":
+        words = "split at random file by file; each test file is its own unit"
+    else:
+        by = ("folder (each file's parent folder)" if groups["by"] == "folder" else
+              f"the groups listed in {groups['by']}")
+        per_split = groups["counts"]
+        words = (f"split at random by {by}, whole groups to one split ({per_split['train']} training, "
+                 f"{per_split['val']} validation and {per_split['test']} test groups; the fractions asked for "
+                 f"{manifest['target_counts']['test']} test images); the test images are {units} independent "
+                 "groups, and intervals resample groups, not images")
+    found = manifest.get("near_duplicates")
+    if not found:
+        return words
+    look = (f"{found['found']} of {found['test_checked']} test images checked have a near-duplicate in the "
+            f"training split (within {found['psnr_db']:g} dB PSNR as {found['thumbnail_px']}px thumbnails), so "
+            "the test partly measures memory, not generalisation" +
+            ("" if groups["by"] != "file" else "; data.groups would keep such copies together (docs/data.md)")
+            if found["found"] else
+            f"no test image of the {found['test_checked']} checked has a near-duplicate in the training split "
+            f"(within {found['psnr_db']:g} dB PSNR as {found['thumbnail_px']}px thumbnails)")
+    return f"{words}. {look[0].upper()}{look[1:]}"
+
+
+def unit_words(manifest: dict, units: int) -> str:
+    """'N test images in U independent <units>' as the manifest says what a unit is."""
+    kind = ("units (grid cells)" if manifest["source"] == "builtin" else
+            "groups" if (manifest.get("groups") or {"by": "file"})["by"] != "file" else "units (files)")
+    return f"{manifest['counts']['test']} test images in {units} independent {kind}"
 
 
 def _setup(study: Study) -> list[Section]:
@@ -94,7 +127,7 @@ def _results(study: Study) -> list[Section]:
                   "unmeasured (train.seeds: [0, 1, 2] measures it)")
     return [
         Section("Metrics on the test set", [
-            f"{study.manifest['counts']['test']} test images in {int(result['test_units'])} independent units; "
+            f"{unit_words(study.manifest, int(result['test_units']))}; "
             f"{seed_words}. Interval method: {INTERVAL_METHOD}, {study.bootstrap_samples} resamples. PSNR is "
             "computed per image (data range 1) and then averaged; SSIM uses the Gaussian 11x11, sigma 1.5 window; "
             f"MSE is per pixel; {lpips_note}", *fid_sentences(result), *elbo_sentences(study.trained, result)],

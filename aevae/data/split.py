@@ -41,4 +41,4 @@ def group_split(sizes: list[int], val_fraction: float, test_fraction: float) -> 
 
     test_end = boundary(1, len(sizes) - 2, target["test"])
     val_end = boundary(test_end + 1, len(sizes) - 1, ends[test_end - 1] + target["val"])
-    return {"test": test_end, "val": val_end - test_end, "train": len(sizes) - val_end}
+    return {"train": len(sizes) - val_end, "val": val_end - test_end, "test": test_end}

@@ -255,7 +255,8 @@ NOT_TRAINING = ("aevae/report/build.py", "aevae/report/figures.py", "aevae/repor
                 "aevae/evaluate/intervals.py", "aevae/evaluate/weights.py", "aevae/evaluate/lpips.py",
                 "aevae/evaluate/inception.py", "aevae/evaluate/fid.py", "aevae/evaluate/stage.py",
                 "aevae/cluster/jobs.py", "aevae/commands/main.py", "aevae/commands/compare.py", "aevae/compare/runs.py",
-                "aevae/results/names.py", "aevae/evaluate/params.py", "aevae/report/params.py")
+                "aevae/results/names.py", "aevae/evaluate/params.py", "aevae/report/params.py",
+                "aevae/data/params.py", "aevae/data/prepare.py", "aevae/data/groups.py")
 TRAINING = ("aevae/models/vae.py", "aevae/models/contract.py", "aevae/train/loop.py", "aevae/train/stage.py")
 
 
@@ -274,9 +275,13 @@ def test_an_edit_reruns_only_the_stages_whose_code_it_changes(repo, env):
         # ... and a new evaluation option, in the eval: schema and in params.yaml
         (repo / "aevae/evaluate/params.py").write_text(originals["aevae/evaluate/params.py"].replace(
             "    require_fid: bool = False\n", "    require_fid: bool = False\n    new_option: bool = False\n"))
-        (repo / "params.yaml").write_text(originals["params.yaml"].replace("eval:\n", "eval:\n  new_option: false\n"))
+        # ... and a new data option, in the data: schema the prepare stage reads and in params.yaml
+        (repo / "aevae/data/params.py").write_text(originals["aevae/data/params.py"].replace(
+            "    limit: int", "    new_option: bool = False\n    limit: int"))
+        (repo / "params.yaml").write_text(originals["params.yaml"].replace("eval:\n", "eval:\n  new_option: false\n")
+                                          .replace("data:\n", "data:\n  new_option: false\n"))
         stale = stale_stages(repo, env)
-        assert stale >= {"features", "evaluate", "report"}, stale  # the edits took
+        assert stale >= {"prepare", "features", "evaluate", "report"}, stale  # the edits took
         assert not {stage for stage in stale if stage.startswith("train@")}, stale
         for path in NOT_TRAINING + ("params.yaml",):
             (repo / path).write_text(originals[path])

@@ -19,7 +19,7 @@ from aevae.data.builtin import NEAR_DUPLICATE_PSNR_DB
 
 THUMBNAIL = 16
 TEST_SAMPLE = 2000
-CHUNK = 4096  # training images per step: (TEST_SAMPLE x CHUNK) float32 distances, 32 MiB
+CHUNK = 2048  # training images per step: 24 MiB of them, and (TEST_SAMPLE x CHUNK) float32 distances, 16 MiB
 
 
 @dataclass
@@ -52,16 +52,34 @@ def thumbnails(images: np.ndarray) -> np.ndarray:
     n, side = len(images), images.shape[1]
     t = THUMBNAIL if side % THUMBNAIL == 0 else 8
     f = side // t
-    return (images.reshape(n, t, f, t, f, 3).mean(axis=(2, 4), dtype=np.float32) / 255).reshape(n, -1)
+    blocks = images.reshape(n, t, f, t, f, 3)
+    # Summing the f x f strided views in integers is exact and about twice as fast as a float mean over axes.
+    total = np.zeros((n, t, t, 3), dtype=np.uint16 if f * f * 255 <= np.iinfo(np.uint16).max else np.uint32)
+    for i in range(f):
+        for j in range(f):
+            total += blocks[:, :, i, :, j, :]
+    return (total.astype(np.float32) / (f * f * 255)).reshape(n, -1)
+
+
+def _sample(path: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded sample of at most TEST_SAMPLE rows of a split file, as thumbnails, and their indices."""
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        n = np.lib.format.read_array_header_1_0(f)[0][0]
+    picked = np.sort(np.random.default_rng([seed, 2]).permutation(n)[:TEST_SAMPLE])
+    rows, start = [], 0
+    for chunk in _chunks(path):
+        mine = picked[(picked >= start) & (picked < start + len(chunk))] - start
+        rows.append(thumbnails(chunk[mine]))
+        start += len(chunk)
+    return np.concatenate(rows), picked
 
 
 def find_near_duplicates(folder: Path, seed: int, examples: int = 3) -> NearDuplicates:
     """Look in `folder`'s test.npy (a seeded sample) for images within NEAR_DUPLICATE_PSNR_DB of any image
     of its train.npy, compared as thumbnails."""
     start = time.perf_counter()
-    test = np.concatenate([thumbnails(c) for c in _chunks(folder / "test.npy")])
-    picked = np.sort(np.random.default_rng([seed, 2]).permutation(len(test))[:TEST_SAMPLE])
-    test = test[picked]
+    test, picked = _sample(folder / "test.npy", seed)
     test_norms = np.square(test).sum(axis=1)
     best_mse = np.full(len(test), np.inf, dtype=np.float32)
     best_train = np.zeros(len(test), dtype=np.int64)
@@ -69,7 +87,10 @@ def find_near_duplicates(folder: Path, seed: int, examples: int = 3) -> NearDupl
     for chunk in _chunks(folder / "train.npy"):
         train = thumbnails(chunk)
         # Squared distances by |a|^2 + |b|^2 - 2ab: one matrix product per chunk, not a loop over pairs.
-        dist = test_norms[:, None] + np.square(train).sum(axis=1)[None, :] - 2 * test @ train.T
+        dist = test @ train.T  # then in place: one (sample x chunk) array, not four
+        dist *= -2
+        dist += test_norms[:, None]
+        dist += np.square(train).sum(axis=1)[None, :]
         nearest = dist.argmin(axis=1)
         mse = np.maximum(dist[np.arange(len(test)), nearest], 0) / test.shape[1]
         better = mse < best_mse

@@ -6,7 +6,8 @@ from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 
 from aevae import AevaeError
-from aevae.data.params import DataParams, ModelEntry, Params
+from aevae.config.schema import ModelEntry, Params
+from aevae.data.params import DataParams
 from aevae.models.ae import AutoEncoder
 from aevae.models.checkpoints import load_model, save_model
 from aevae.models.contract import Model, active_units

@@ -19,6 +19,7 @@ from PIL import Image
 from aevae import AevaeError
 from aevae.data.decode import load_image
 from aevae.data.load import load_split, read_test_units
+from aevae.data.near_duplicates import find_near_duplicates, thumbnails
 from aevae.data.params import DataParams
 from aevae.data.prepare import prepare
 from aevae.evaluate.intervals import crossed_bootstrap
@@ -135,6 +136,20 @@ def test_a_file_split_of_grouped_files_warns_of_near_duplicates_across_the_split
     assert warning in results["file"].stderr and "set data.groups: folder or a CSV" in results["file"].stderr
     assert json.loads((tmp_path / "folder/manifest.json").read_text())["near_duplicates"]["found"] == 0
     assert "near-duplicate" not in results["folder"].stderr
+
+
+def test_the_look_finds_what_comparing_every_pair_finds(crops, tmp_path):
+    """The chunked look (here 7 training images at a time) against PSNR between every pair of thumbnails."""
+    root, _ = crops
+    prepare(DataParams(source="folder", path=str(root), image_size=SIZE), 0, tmp_path / "p")
+    look = find_near_duplicates(tmp_path / "p", 0, examples=100, chunk_rows=7)
+    test, train = (thumbnails(load_split(tmp_path / "p", split)) for split in ("test", "train"))
+    with np.errstate(divide="ignore"):  # some crops are exact copies: infinite PSNR
+        psnr = -10 * np.log10(np.square(test[:, None, :] - train[None, :, :]).mean(axis=2))  # test x train
+    assert look.test_checked == len(test) and look.train_images == len(train)
+    assert look.found == int((psnr.max(axis=1) >= 30).sum()) > 0
+    assert [t for t, _ in look.pairs] == list(np.flatnonzero(psnr.max(axis=1) >= 30))
+    assert all(psnr[t, k] == psnr[t].max() for t, k in look.pairs)  # the nearest training image is named
 
 
 def test_intervals_over_groups_are_wider_than_over_files(crops, tmp_path):

@@ -75,7 +75,7 @@ def _sample(path: Path, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(rows), picked
 
 
-def find_near_duplicates(folder: Path, seed: int, examples: int = 3) -> NearDuplicates:
+def find_near_duplicates(folder: Path, seed: int, examples: int = 3, chunk_rows: int = CHUNK) -> NearDuplicates:
     """Look in `folder`'s test.npy (a seeded sample) for images within NEAR_DUPLICATE_PSNR_DB of any image
     of its train.npy, compared as thumbnails."""
     start = time.perf_counter()
@@ -84,7 +84,7 @@ def find_near_duplicates(folder: Path, seed: int, examples: int = 3) -> NearDupl
     best_mse = np.full(len(test), np.inf, dtype=np.float32)
     best_train = np.zeros(len(test), dtype=np.int64)
     seen = 0
-    for chunk in _chunks(folder / "train.npy"):
+    for chunk in _chunks(folder / "train.npy", chunk_rows):
         train = thumbnails(chunk)
         # Squared distances by |a|^2 + |b|^2 - 2ab: one matrix product per chunk, not a loop over pairs.
         dist = test @ train.T  # then in place: one (sample x chunk) array, not four

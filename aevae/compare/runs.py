@@ -15,6 +15,7 @@ import pandas as pd
 
 from aevae import AevaeError
 from aevae.results.names import METRICS, SET_METRICS, STUDY_METRICS, TRAINING_PARAMS
+from aevae.tracking.runs import TRIAL
 from aevae.tracking.store import EXPERIMENT, existing_experiment_id, store_error
 
 SEED = "params.train.seed"
@@ -36,7 +37,8 @@ def model_runs(experiment: str = EXPERIMENT) -> pd.DataFrame:
         raise store_error(err, "read the MLflow store") from None
     if runs.empty or "tags.model_config" not in runs:
         return pd.DataFrame()
-    runs = runs[runs["tags.model_config"].notna()].reset_index(drop=True)
+    trials = runs.get(f"tags.{TRIAL}", pd.Series(None, index=runs.index, dtype=object)).notna()  # tuning's
+    runs = runs[runs["tags.model_config"].notna() & ~trials].reset_index(drop=True)
     table = pd.DataFrame({
         "run_id": runs["run_id"],
         "model": runs["tags.model_config"],

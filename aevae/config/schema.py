@@ -9,9 +9,9 @@ passed on as written.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 
 class Section(BaseModel):
@@ -36,15 +36,26 @@ class TrainingData(BaseModel):
         return self
 
 
+# Training settings a configuration may set for itself (models.<name>.lr), falling back to the shared key:
+# what tuning (tune:) chooses per configuration.
+OWN_TRAINING = ("lr", "weight_decay", "batch_size")
+
+
 class ModelEntry(BaseModel):
-    """One model configuration of the study: its kind and that kind's settings. The settings are checked
-    against the kind's own schema (aevae.models), where the kind is defined, when the model is built."""
+    """One model configuration of the study: its kind, that kind's settings and any training settings of
+    its own (OWN_TRAINING). The kind's settings are checked against the kind's own schema (aevae.models),
+    where the kind is defined, when the model is built."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     kind: str
 
     def settings(self) -> dict[str, object]:
-        return dict(self.model_extra or {})
+        """The kind's settings (what the model is built from)."""
+        return {k: v for k, v in (self.model_extra or {}).items() if k not in OWN_TRAINING}
+
+    def training(self) -> dict[str, object]:
+        """The training settings this configuration sets for itself."""
+        return {k: v for k, v in (self.model_extra or {}).items() if k in OWN_TRAINING}
 
 
 def _default_models() -> dict[str, ModelEntry]:
@@ -80,6 +91,7 @@ class Params(Section):
     data: TrainingData = TrainingData()  # the rest of data: is checked by aevae.data.params
     train: TrainParams = TrainParams()
     tracking: TrackingParams = TrackingParams()
+    tune: dict[str, Any] = Field(default_factory=dict)  # checked by aevae.tune.params
     eval: dict[str, Any] = Field(default_factory=dict)  # checked by aevae.evaluate.params
     report: dict[str, Any] = Field(default_factory=dict)  # checked by aevae.report.params
 
@@ -91,7 +103,18 @@ class Params(Section):
                                  "letters, digits and _ only")
         if len(set(self.train.seeds)) != len(self.train.seeds):
             raise ValueError(f"train.seeds lists a seed twice: {self.train.seeds}")
+        for name, entry in self.models.items():
+            for key, value in entry.training().items():
+                _own_setting(name, key, value)
         return self
+
+    def for_config(self, config: str, settings: dict[str, object] | None = None) -> Params:
+        """These params as configuration `config` trains with them: `settings` (chosen by tuning) merged
+        into its entry, and its own training settings (models.<config>.lr) in place of the shared ones."""
+        if settings:
+            merged = {**self.models[config].model_dump(), **settings}
+            self = Params.model_validate({**self.model_dump(), "models": {**self.models, config: merged}})
+        return self.model_copy(update=self.models[config].training())
 
     def trainings(self) -> list[tuple[str, int]]:
         """The study: every (model configuration, training seed), in the report's order."""
@@ -100,6 +123,15 @@ class Params(Section):
     def flat(self) -> dict[str, object]:
         """`section.key -> value`, the naming DVC and MLflow use (nested sections joined with dots)."""
         return _flatten(self.model_dump())
+
+
+def _own_setting(config: str, key: str, value: object) -> None:
+    """models.<config>.<key> checked as the shared `key` is (type and bounds)."""
+    field = Params.model_fields[key]
+    try:
+        TypeAdapter(Annotated[field.annotation, *field.metadata]).validate_python(value, strict=True)
+    except ValidationError as err:
+        raise ValueError(f"models.{config}.{key}: {err.errors()[0]['msg']} (got {value!r})") from None
 
 
 def _flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:

@@ -18,7 +18,9 @@ from aevae.tracking.store import EXPERIMENT, fail_fast, open_store, store_lock, 
 
 log = logging.getLogger(__name__)
 
-ROLE = "aevae_role"  # tag: "pipeline" on the parent run of one pipeline execution, "stage" on its children
+ROLE = "aevae_role"  # tag: "pipeline" on the parent run of one pipeline execution, "stage" on its children,
+# "tuning" on a tuning stage's run (under the pipeline's), whose trials' training runs are nested under it
+TRIAL = "aevae_trial"  # tag: the trial's number on a tuning trial's training run (not one of the study's)
 
 
 @contextmanager

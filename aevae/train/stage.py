@@ -3,7 +3,10 @@ MLflow; resumed after a kill, and trained once when parallel workers ask for it 
 
 from __future__ import annotations
 
+import json
 import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +44,26 @@ log = logging.getLogger(__name__)
 def training_params(config: str, seed: int, params: Params) -> dict[str, object]:
     """The params one training reads (its dvc.yaml stage lists the same), as logged to MLflow: the shared
     ones, its own configuration as model.<key> and its seed as train.seed; not the other configurations,
-    the seed list, nor evaluation, report and tracking settings."""
+    the seed list, nor tuning, evaluation, report and tracking settings."""
     entry = params.models[config]
     shared = {key: value for key, value in params.flat().items()
-              if key.split(".")[0] not in ("models", "eval", "report", "tracking") and key != "train.seeds"}
+              if key.split(".")[0] not in ("models", "tune", "eval", "report", "tracking") and key != "train.seeds"}
     return {**shared, "train.seed": seed, "model.kind": entry.kind,
             **{f"model.{key}": value for key, value in entry.settings().items()}}
+
+
+def read_tuned(path: Path, config: str) -> dict[str, Any]:
+    """The settings tune@<config> chose (tuned/<config>.json); none when tuning is off."""
+    try:
+        chosen = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AevaeError(f"{path} not found: run the tuning stage first (dvc repro tune@{config})") from None
+    except json.JSONDecodeError:
+        raise AevaeError(f"{path} is not JSON: run the tuning stage again (dvc repro -f tune@{config})") from None
+    if chosen.get("config") != config:
+        raise AevaeError(f"{path} holds the tuning of {chosen.get('config')!r}, not of {config!r}: pass "
+                         f"tuned/{config}.json")
+    return chosen.get("settings") or {}
 
 
 def load_training_data(data_dir: Path, image_size: int) -> tuple[Tensor, Tensor, str]:
@@ -61,15 +78,30 @@ def load_training_data(data_dir: Path, image_size: int) -> tuple[Tensor, Tensor,
     return train_x, val_x, manifest["sha256"]
 
 
-def train(params: Params, data_dir: Path, out: ModelDir) -> list[dict[str, Any]]:
+class Diverged(AevaeError):
+    """The loss became NaN or infinite: the message names the epoch, the batch and the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class Nested:
+    """Where a training that is not one of the study's (a tuning trial) logs: under `parent_id`, with `tags`."""
+
+    parent_id: str
+    tags: dict[str, str]
+
+
+def train(params: Params, data_dir: Path, out: ModelDir, settings: dict[str, Any] | None = None,
+          nested: Nested | None = None) -> list[dict[str, Any]]:
     """Train the configuration `out.config` with the seed `out.seed` into `out` (best.pt, last.pt,
-    history.csv, run.json) and log it to MLflow.
+    history.csv, run.json) and log it to MLflow: with `settings` (chosen by tuning, or a trial's) over its
+    entry in params.yaml, under the pipeline's parent run or as `nested` says.
 
     A restart after a crash or a kill resumes from last.pt, in the same MLflow run. A configuration that
     another queue worker is training at this moment is not trained twice: this one waits and takes its
     outputs (aevae.train.dedupe).
     """
     out.path.mkdir(parents=True, exist_ok=True)
+    pipeline_params, params = params, params.for_config(out.config, settings)
     build_model(out.config, params)  # a bad configuration is an error before the data is read
     train_x, val_x, data_sha256 = load_training_data(data_dir, params.data.image_size)
     fingerprint = {"params": training_params(out.config, out.seed, params), "data_sha256": data_sha256}
@@ -79,26 +111,27 @@ def train(params: Params, data_dir: Path, out: ModelDir) -> list[dict[str, Any]]
     with training_once(key, out, trained_dir()) as must_train:
         if not must_train:
             return read_history(out.history)
-        return _train_here(params, (train_x, val_x, data_sha256), fingerprint, out)
+        where = nested or Pipeline.of(pipeline_params.flat(), data_sha256)  # one parent run per pipeline
+        return _train_here(params, (train_x, val_x), fingerprint, out, where)
 
 
-def _train_here(params: Params, data: tuple[Tensor, Tensor, str], fingerprint: dict[str, Any],
-                out: ModelDir) -> list[dict[str, Any]]:
+def _train_here(params: Params, data: tuple[Tensor, Tensor], fingerprint: dict[str, Any], out: ModelDir,
+                where: Pipeline | Nested) -> list[dict[str, Any]]:
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
     device = pick_device(params.train.device)
     precision = pick_precision(params.train.precision, device)
-    train_x, val_x, data_sha256 = data
+    train_x, val_x = data
     state = start_or_resume(out.config, out.seed, params, out.last, fingerprint, device)
     restore_best(state, params, out)
     name = f"{out.config}-seed{out.seed}"
     isa = cpu_isa() if device.type == "cpu" else torch.cuda.get_device_name(device)
     log.info("%s: %d train / %d val images of %dpx on %s (%s, %s), %d epochs", name, len(train_x), len(val_x),
              params.data.image_size, device, isa, precision, params.epochs)
-    pipeline = Pipeline.of(params.flat(), data_sha256)
-    tags = {**pipeline.tags, "model_config": out.config, "model_kind": state.model.kind,
+    tags = {**where.tags, "model_config": out.config, "model_kind": state.model.kind,
             "model_label": state.model.label, "precision": precision, "device": isa}
-    with CoreShare() as cores, pipeline_stage(pipeline) as parent, training_run(
+    parent_run = nullcontext(where.parent_id) if isinstance(where, Nested) else pipeline_stage(where)
+    with CoreShare() as cores, parent_run as parent, training_run(
             name, fingerprint["params"], tags, run_id=state.run_id, run_file=out.run_file, parent_id=parent,
             system_metrics=params.tracking.system_metrics) as run_id:
         state.run_id = run_id
@@ -123,7 +156,7 @@ def _epochs(state: TrainingState, params: Params, data: tuple[Tensor, Tensor], f
             row = train_one_epoch(state, train_x, val_x, params, device, precision)
         except FloatingPointError as err:
             last_good = f"{out.last} (epoch {state.epoch})" if state.epoch else "none"
-            raise AevaeError(f"{name} training diverged in epoch {state.epoch + 1}: {err} at lr "
+            raise Diverged(f"{name} training diverged in epoch {state.epoch + 1}: {err} at lr "
                              f"{state.optimizer.param_groups[0]['lr']:g}; last good checkpoint: {last_good}; "
                              "lower lr and run again") from None
         save_best_and_history(state, out)

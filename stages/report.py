@@ -25,15 +25,18 @@ log = logging.getLogger("report")
 @models_option
 @click.option("--metrics", "metrics_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder of the evaluate stage.")
+@click.option("--tuned", "tuned_dir", type=click.Path(file_okay=False),
+              help="Output folder of the tuning stages (tuned/): the report's Tuning section, when they ran trials.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the report.")
-def main(params_file: str, data_dir: str, models_dir: str, metrics_dir: str, out: str) -> None:
+def main(params_file: str, data_dir: str, models_dir: str, metrics_dir: str, tuned_dir: str | None, out: str) -> None:
     """Draw the comparison grid, loss curves, samples and worst cases of the study's models, write the
     metric tables and report.md / report.html, and log them to MLflow as a `report` run under the
     pipeline's parent run."""
     params = load_params(params_file)
     bootstrap_samples = load_eval_params(params_file).bootstrap_samples  # named in the report's text
     files = build_report(params, load_report_params(params_file), bootstrap_samples, Path(data_dir),
-                         Path(models_dir), MetricsDir(Path(metrics_dir)), Path(out))
+                         Path(models_dir), MetricsDir(Path(metrics_dir)), Path(out),
+                         Path(tuned_dir) if tuned_dir else None)
     log_files_run("report", files, Pipeline.of(params.flat(), read_manifest(Path(data_dir))["sha256"]), "report")
     log.info("wrote %s: %s", out, ", ".join(p.name for p in files))
 

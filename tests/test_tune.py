@@ -75,6 +75,13 @@ def test_every_configuration_gets_the_same_trials_and_the_study_trains_at_the_ch
         assert sorted(nested[nested.get("tags.chosen") == "true"]["run_id"]) == sorted(best["run_ids"].split())
         study = runs[(runs["tags.model_config"] == config) & runs["tags.aevae_trial"].isna()]
         assert len(study) == 1 and float(study["params.lr"].item()) == pytest.approx(best["lr"])
+    report = (tuned / "reports/report.md").read_text()
+    assert "## Tuning" in report and "2 trials over lr 0.0001..0.01 (log scale)" in report
+    assert "trained once per seed 0, 1" in report and "the test split was never read" in report
+    for config in CONFIGS:  # the Training section names each model's chosen lr
+        lr = json.loads((tuned / f"tuned/{config}.json").read_text())["settings"]["lr"]
+        assert f"lr {lr:g}" in report
+    assert (tuned / "reports/tuning.png").stat().st_size > 10_000
     mlflow.set_tracking_uri(f"sqlite:///{tuned / 'mlflow.db'}")
     from aevae.compare.runs import model_runs
 

@@ -26,14 +26,16 @@ from aevae.report.rate_distortion import plot_rate_distortion, rate_distortion_p
 from aevae.report.sections import Study, sections
 from aevae.report.tables import metric_table, paired_table
 from aevae.report.trained import Trained, load_trained
+from aevae.report.tuning import plot_tuning, read_tunings
 from aevae.results.metrics_dir import MetricsDir
 
 TITLE = "AutoEncoder vs Variational AutoEncoder"
 
 
 def build_report(params: Params, report: ReportParams, bootstrap_samples: int, data_dir: Path, models_root: Path,
-                 metrics: MetricsDir, out: Path) -> list[Path]:
-    """Write every figure, table and the report into `out`; returns the files written."""
+                 metrics: MetricsDir, out: Path, tuned: Path | None = None) -> list[Path]:
+    """Write every figure, table and the report into `out`; returns the files written. `tuned`: the tuning
+    stages' folder (tuned/), if the study was tuned."""
     out.mkdir(parents=True, exist_ok=True)
     manifest, test, units = read_manifest(data_dir), load_split(data_dir, "test"), read_test_units(data_dir)
     trained = load_trained(params, models_root, metrics)
@@ -55,7 +57,11 @@ def build_report(params: Params, report: ReportParams, bootstrap_samples: int, d
         with atomic_path(out / name) as tmp:
             table.to_csv(tmp, index=False)
     result = json.loads(metrics.eval_json.read_text(encoding="utf-8"))
-    study = Study(params, report, bootstrap_samples, manifest, trained, result, summary, tables, rated, worst_titles)
+    tunings = read_tunings(tuned, labels)
+    if tunings:
+        plot_tuning(tunings, out / "tuning.png")
+    study = Study(params, report, bootstrap_samples, manifest, trained, result, summary, tables, rated, worst_titles,
+                  tunings)
     write_report(out, sections(study), TITLE)
     return sorted(p for p in out.iterdir() if p.is_file())
 

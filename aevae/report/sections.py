@@ -3,7 +3,7 @@ comparison, rate and distortion, sampling, interpolation, worst cases."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -14,6 +14,7 @@ from aevae.report.params import ReportParams
 from aevae.report.rate_distortion import rate_steps
 from aevae.report.tables import architecture_rows
 from aevae.report.trained import Trained
+from aevae.report.tuning import Tuning, tuning_section
 from aevae.results.names import INTERVAL_METHOD
 
 
@@ -32,6 +33,7 @@ class Study:
     tables: tuple[pd.DataFrame, pd.DataFrame]  # the metric table and the paired differences
     rated: pd.DataFrame  # rate-distortion points of the models with a rate
     worst_titles: list[str]
+    tunings: list[Tuning] = field(default_factory=list)  # the configurations tuned before the study
 
 
 def _training_summary(t: Trained) -> str:
@@ -99,7 +101,8 @@ def _setup(study: Study) -> list[Section]:
             "and its mirrored ConvTranspose decoder with a Sigmoid output; they differ in what lies between."],
             table=architecture_rows(trained)),
         Section("Training", [
-            f"Adam (lr {params.lr:g}, weight decay {params.weight_decay:g}), batch size {params.batch_size}, "
+            f"Adam (lr {params.lr:g}, weight decay {params.weight_decay:g}), batch size {params.batch_size}"
+            f"{_own_settings(study)}, "
             f"{params.epochs} epochs, ReduceLROnPlateau on validation loss (factor {params.train.plateau_factor:g}, "
             f"patience {params.train.plateau_patience}), training seeds {', '.join(map(str, seeds))}. "
             f"Losses: {losses}. The best-validation checkpoint of each training is evaluated; the figures show "
@@ -112,6 +115,22 @@ def _setup(study: Study) -> list[Section]:
             "every output is deterministic. Tiles are enlarged with nearest-neighbour, adding no blur."],
             image="grid.png"),
     ]
+
+
+def _own_settings(study: Study) -> str:
+    """The training settings that differ from the shared ones, per model (chosen by tuning, or set under
+    models:)."""
+    chosen = {t.name: t.chosen["settings"] for t in study.tunings}
+    own = []
+    for t in study.trained:
+        mine = study.params.for_config(t.name, chosen.get(t.name))
+        differ = [f"{key} {getattr(mine, key):g}" for key in ("lr", "weight_decay", "batch_size")
+                  if getattr(mine, key) != getattr(study.params, key)]
+        if differ:
+            own.append(f"{t.label}: {', '.join(differ)}")
+        elif t.name in chosen:
+            own.append(f"{t.label}: the shared settings")
+    return f" (per model, {'; '.join(own)})" if own else ""
 
 
 def _results(study: Study) -> list[Section]:
@@ -164,7 +183,10 @@ def _generation(study: Study) -> list[Section]:
 
 def sections(study: Study) -> list[Section]:
     """Every section of the report, in order."""
-    out = [*_setup(study), *_results(study)]
+    out = [*_setup(study)]
+    if study.tunings:
+        out.append(tuning_section(study.tunings))
+    out += _results(study)
     if len(study.rated) >= 2:
         out.append(Section("Rate and distortion", [
             "Test KL (the rate, nats per image) against test PSNR and per-pixel MSE of every model with an ELBO; "

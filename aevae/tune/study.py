@@ -67,7 +67,8 @@ def _suggest(trial: Any, key: str, r: Range) -> float | int:
 def tune(params: Params, settings: TuneParams, config: str, data_dir: Path, out: TunedFiles) -> dict[str, Any]:
     """Tune configuration `config`; write `out`; return what `out.chosen` holds."""
     space = space_of(config, params, settings)
-    result = {"config": config, "trials": settings.trials, "settings": {}, "space": sorted(space)}
+    result = {"config": config, "trials": settings.trials, "settings": {}, "space": list(space),
+              "protocol": settings.model_dump()}  # what the report says of it
     out.root.mkdir(parents=True, exist_ok=True)
     out.storage.unlink(missing_ok=True)
     if settings.trials == 0:  # off: the study trains at params.yaml's settings, and nothing else changes

@@ -8,6 +8,7 @@ from aevae.config.schema import Params, TrainingData
 from aevae.data.params import DataParams, load_data_params
 from aevae.evaluate.params import EvalParams, load_eval_params
 from aevae.report.params import ReportParams, load_report_params
+from aevae.tune.params import TuneParams, load_tune_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repository_params_load_and_match_the_documented_defaults():
     params = load_params(REPO / "params.yaml")
     # params.yaml and the typed defaults must not drift apart; eval: and report: are checked by their stages
-    assert params.model_copy(update={"eval": {}, "report": {}, "data": TrainingData()}) == Params()
+    assert params.model_copy(update={"eval": {}, "report": {}, "tune": {}, "data": TrainingData()}) == Params()
+    assert load_tune_params(REPO / "params.yaml") == TuneParams()
     assert load_data_params(REPO / "params.yaml") == DataParams()
     assert params.lr == 0.002 and params.data.image_size == 64
     assert load_eval_params(REPO / "params.yaml") == EvalParams()

@@ -43,6 +43,8 @@ def test_flat_names_match_dvc_keys():
         ({"train": {"seeds": [0, 0]}}, "train.seeds lists a seed twice"),
         ({"train": {"seeds": []}}, "train.seeds"),
         ({"models": {"my vae": {"kind": "vae"}}}, "models.my vae: a configuration's name is a folder"),
+        ({"models": {"ae": {"kind": "ae", "lr": -1.0}}}, "models.ae.lr: Input should be greater than 0 (got -1.0)"),
+        ({"models": {"ae": {"kind": "ae", "batch_size": 1}}}, "models.ae.batch_size: Input should be greater"),
         ({"lr": 0}, "lr: Input should be greater than 0"),
         ({"lr": -1.0}, "lr: Input should be greater than 0"),
         ({"epochs": "ten"}, "epochs: Input should be a valid integer"),
@@ -85,6 +87,24 @@ def test_the_eval_report_and_data_sections_are_checked_by_their_stages_with_the_
         load(path)
     assert message in str(err.value) and "\n" not in str(err.value)
     assert str(err.value).startswith(f"{path}: ")
+
+
+def test_a_configuration_may_set_its_own_training_settings():
+    """models.<name>.lr (and weight_decay, batch_size) replace the shared ones for that configuration only;
+    they are training settings, not the kind's (the model is built from the rest)."""
+    from aevae.models.registry import build_model
+    from aevae.train.stage import training_params
+
+    params = Params.model_validate({"models": {"ae": {"kind": "ae", "lr": 0.01, "batch_size": 32},
+                                               "vae": {"kind": "vae", "latent_dim": 8}}})
+    assert params.models["ae"].settings() == {} and params.models["ae"].training() == {"lr": 0.01, "batch_size": 32}
+    ae, vae = params.for_config("ae"), params.for_config("vae")
+    assert (ae.lr, ae.batch_size, ae.weight_decay) == (0.01, 32, params.weight_decay)
+    assert (vae.lr, vae.batch_size) == (params.lr, params.batch_size)
+    assert training_params("ae", 0, ae)["lr"] == 0.01 and "model.lr" not in training_params("ae", 0, ae)
+    build_model("ae", ae)  # the kind's schema never sees lr
+    tuned = params.for_config("vae", {"lr": 0.003, "latent_dim": 4})  # tuning's choice: a setting of each sort
+    assert tuned.lr == 0.003 and tuned.models["vae"].settings()["latent_dim"] == 4
 
 
 def test_missing_and_malformed_files(tmp_path):

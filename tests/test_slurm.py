@@ -15,20 +15,25 @@ import mlflow
 import pytest
 import yaml
 
-from aevae.cluster.study import default_setup
+from aevae.cluster.jobs import study_states
+from aevae.cluster.study import Study, default_setup
 from tests.conftest import TINY, copy_project, exp_metrics, merged, one_line_error, project_env, run, slurm_cluster_at
 from tests.slurm_cluster import SlurmCluster
 
 # The VAE at two seeds, one thread per training: Slurm runs both at once on two cores, and a local
 # `dvc repro` of the same commit must give the same numbers. (One configuration keeps CI short; the array
 # has a task per stage whatever their number, as the dry run's four stages show.)
-STUDY = merged(TINY, {"train": {"seeds": [0, 1], "threads": 1}})
+STUDY = merged(TINY, {"train": {"seeds": [0, 1], "threads": 1}, "tune": {"trials": 0}})  # no tuning array
 CONFIGS = ("vae",)
+# A tuned study: two trials of one seed for the VAE, then its training at the chosen settings. One
+# configuration and one seed: a tuning task and a training task, which the two cores would run at once
+# were the trainings not waiting for the tuning array.
+TUNED = merged(TINY, {"train": {"seeds": [0], "threads": 1}, "tune": {"trials": 2, "seeds": [0]}})
 
 
-def study_project(root: Path, env: dict[str, str], configs: tuple[str, ...] = CONFIGS) -> Path:
+def study_project(root: Path, env: dict[str, str], configs: tuple[str, ...] = CONFIGS, study: dict = STUDY) -> Path:
     """A committed tiny study with a DVC remote (a folder: on a cluster, a shared path or a URL)."""
-    repo = copy_project(root / "repo", STUDY)
+    repo = copy_project(root / "repo", study)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["models"] = {name: params["models"][name] for name in configs}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -65,6 +70,13 @@ def test_dry_run_prints_the_scripts_and_refuses_what_jobs_could_not_see(tmp_path
     assert "stages=(train@ae-0 train@ae-1 train@vae-0 train@vae-1)" in scripts
     assert 'dvc repro --pull "$stage"' in scripts and "dvc exp run --pull -n s" in scripts
     assert not (repo / ".dvc/tmp/slurm").exists()  # nothing written, nothing submitted
+    assert "aevae-tune" not in scripts and "tune@" not in scripts  # tune.trials: 0, no tuning array
+    (repo / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load((repo / "params.yaml").read_text()),
+                                                      "tune": {"trials": 2}}, sort_keys=False))
+    run(["git", "commit", "-qam", "tuned"], repo, env)
+    scripts = aevae(["slurm", "submit", "--dry-run"], repo, env).stdout
+    assert scripts.count("#!/bin/bash") == 4 and "#SBATCH --job-name=aevae-tune" in scripts
+    assert "stages=(tune@ae tune@vae)" in scripts and "/logs/tune-%A_%a.out" in scripts
     (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace("epochs: 1", "epochs: 2"))
     result = aevae(["slurm", "submit", "--dry-run"], repo, env)
     assert result.returncode == 1 and "uncommitted changes (params.yaml)" in result.stderr
@@ -179,6 +191,13 @@ def test_a_failed_job_is_named_with_its_log_and_what_waited_never_runs(submitted
     assert {"first", "broken"} <= studies and all(name in listed for name in studies)
 
 
+def appears(path: Path, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return path.exists()
+
+
 def never_ran(cluster: SlurmCluster, jobs: list[str], timeout: float = 90) -> list[dict[str, str]]:
     """The controller's records of `jobs` (a pending array is one record) once each has ended, asserting
     that none ever started on a node."""
@@ -208,10 +227,63 @@ def test_a_failed_training_is_named_with_its_log_and_the_final_job_never_runs(su
     study = json.loads((workdir / "one-failed/study.json").read_text())
     one_line_error(result, f"Error: study one-failed: train@vae-1 failed (exit 4); its log: {workdir}/one-failed/logs/"
                            f"train-{study['jobs']['train']}_1.out")
-    assert (workdir / "one-failed/status/train@vae-0.ok").exists()
+    assert appears(workdir / "one-failed/status/train@vae-0.ok")  # task 0 may still push when task 1 has failed
     final = never_ran(submitted.cluster, [study["jobs"]["final"]])
     assert [r["JobState"] for r in final] == ["CANCELLED"]
     assert not (workdir / "one-failed/jobs/final").exists() and not (workdir / "one-failed/status/final.ok").exists()
     listed = aevae(["slurm", "status", "one-failed", "--workdir", str(workdir)], repo, env)
     one_line_error(listed, "study one-failed has a failed job")
     assert "train@vae-1" in listed.stdout and "failed (exit 4)" in listed.stdout and "CANCELLED" in listed.stdout
+
+
+def test_a_study_saved_before_tuning_arrays_loads_with_none(tmp_path):
+    fields = {"name": "old", "commit": "0" * 40, "git_url": "u", "dvc_remote": "storage", "folder": str(tmp_path),
+              "trainings": ["train@vae-0"], "tracking_uri": "sqlite:///m.db", "setup": "", "jobs": {"train": "7"}}
+    (tmp_path / "study.json").write_text(json.dumps(fields))
+    study = Study.load(tmp_path)
+    assert study.tunings == [] and [r.stage for r in study_states(study)] == ["prepare", "train@vae-0", "final"]
+    assert study.job_of("train@vae-0") == "7_0" and study.log_file("train@vae-0") == tmp_path / "logs/train-7_0.out"
+
+
+@pytest.mark.slow
+def test_with_tune_trials_each_configuration_is_tuned_once_in_an_array_before_the_trainings(submitted, tmp_path):
+    """tune.trials: 2. The tuning array's task runs tune@vae once, after prepare; the training array waits for
+    it and restores its choice from the run-cache, as the final experiment does; that choice is a local
+    `dvc repro tune@vae`'s of the same commit."""
+    env = project_env(tmp_path, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                      SLURM_CONF=submitted.env["SLURM_CONF"])
+    repo, workdir, local = study_project(tmp_path, env, CONFIGS, TUNED), tmp_path / "studies", tmp_path / "local"
+    run(["git", "clone", "-q", str(repo), str(local)], tmp_path, env)
+    run(["dvc", "repro", "tune@vae"], local, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'local.db'}"})
+    result = aevae(["slurm", "submit", "--name", "tuned", "--workdir", str(workdir), "--wait"], repo, env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = json.loads((workdir / "tuned/study.json").read_text())
+    assert study["tunings"] == ["tune@vae"] and study["trainings"] == ["train@vae-0"]
+    records = {r["Name"]: r for r in submitted.cluster.job_records() if r.get("ArrayJobId") in
+               (study["jobs"]["tune"], study["jobs"]["train"])}
+    assert {n: r["JobState"] for n, r in records.items()} == {"aevae-tune": "COMPLETED", "aevae-train": "COMPLETED"}
+    assert records["aevae-tune"]["EndTime"] <= records["aevae-train"]["StartTime"], records  # one after the other
+    logs = workdir / "tuned/logs"
+    assert "Running stage 'tune@vae'" in (logs / f"tune-{study['jobs']['tune']}_0.out").read_text()
+    for log in (logs / f"train-{study['jobs']['train']}_0.out", logs / f"final-{study['jobs']['final']}.out"):
+        text = log.read_text()
+        assert "Running stage 'tune@" not in text and "Stage 'tune@vae' is cached - skipping run" in text, log
+    listed = aevae(["slurm", "status", "tuned", "--workdir", str(workdir)], repo, env).stdout.splitlines()
+    assert [line.split()[:3] for line in listed if line.endswith(" ok")] == [
+        ["prepare", "job", study["jobs"]["prepare"]], ["tune@vae", "job", f"{study['jobs']['tune']}_0"],
+        ["train@vae-0", "job", f"{study['jobs']['train']}_0"], ["final", "job", study["jobs"]["final"]]], listed
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["aevae"])
+    assert list(runs[runs["tags.aevae_role"] == "tuning"]["tags.tuning_config"]) == ["vae"]  # tuned once
+    reference = json.loads((local / "tuned/vae.json").read_text())
+    assert reference["trials"] == 2 and set(reference["settings"]) == {"lr"}
+    assert experiment_file(repo, env, "tuned", "tuned/vae.json", tmp_path / "dvc-remote") == reference
+
+
+def experiment_file(repo: Path, env: dict[str, str], name: str, path: str, remote: Path) -> dict:
+    """A JSON output of experiment `name` as its dvc.lock records it, read from the DVC remote."""
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo, env).stdout.split()
+    ref = next(r for r in refs if r.endswith(f"/{name}"))
+    lock = yaml.safe_load(run(["git", "show", f"{ref}:dvc.lock"], repo, env).stdout)
+    md5 = next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == path)
+    return json.loads((remote / "files/md5" / md5[:2] / md5[2:]).read_text())

@@ -6,6 +6,9 @@ A submission is one study of one commit, in a folder of its own under the work d
     prepare ──afterok──> train array: one task per training stage ──afterok──> final
     (dvc repro --pull prepare)   (dvc repro --pull train@<model>-<seed>)      (dvc exp run --pull -n <study>)
 
+With tune.trials > 0 a tuning array, one task per tune@<model> (dvc repro --pull tune@<model>), runs between
+prepare and the trainings, so each configuration is tuned once: the trainings restore its choice.
+
 Every job clones the commit into its own folder and shares the rest through the DVC remote: it restores
 what any machine pushed before (`--pull`, outputs and run-cache), runs only its stage, and pushes the
 stage's outputs and run-cache entry. The final job runs the whole pipeline as a DVC experiment named after
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from aevae import AevaeError
 from aevae.cluster.scripts import scripts
-from aevae.cluster.study import FINAL, PREPARE, Resources, Study
+from aevae.cluster.study import FINAL, PREPARE, TRAIN, TUNE, Resources, Study
 
 
 def sbatch_path() -> str:
@@ -46,8 +49,9 @@ def _sbatch(script: Path, *options: str) -> str:
 
 
 def submit(study: Study, resources: Resources) -> Study:
-    """Write the scripts into the study's folder and submit: prepare, then the array after it, then the
-    final job after every training (a failed dependency cancels what waits on it)."""
+    """Write the scripts into the study's folder and submit: prepare, then the tuning array after it (if any),
+    then the training array, then the final job after every training (a failed dependency cancels what waits
+    on it)."""
     for sub in ("logs", "status", "jobs", "scripts"):
         (study.path / sub).mkdir(parents=True, exist_ok=True)
     files = {}
@@ -55,11 +59,11 @@ def submit(study: Study, resources: Resources) -> Study:
         files[part] = study.path / "scripts" / f"{part}.sbatch"
         files[part].write_text(text, encoding="utf-8")
     study.save()  # before the first sbatch: a study whose submission broke off is still visible
-    study.jobs[PREPARE] = _sbatch(files[PREPARE])
-    study.jobs["train"] = _sbatch(files["train"], f"--array=0-{len(study.trainings) - 1}",
-                                  f"--dependency=afterok:{study.jobs[PREPARE]}", "--kill-on-invalid-dep=yes")
-    study.jobs[FINAL] = _sbatch(files[FINAL], f"--dependency=afterok:{study.jobs['train']}",
-                                "--kill-on-invalid-dep=yes")
+    study.jobs[PREPARE] = after = _sbatch(files[PREPARE])
+    for part in (TUNE, TRAIN) if study.tunings else (TRAIN,):
+        study.jobs[part] = after = _sbatch(files[part], f"--array=0-{len(study.stages_of(part)) - 1}",
+                                           f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes")
+    study.jobs[FINAL] = _sbatch(files[FINAL], f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes")
     study.save()
     return study
 
@@ -89,11 +93,8 @@ def study_states(study: Study) -> list[JobState]:
     """Each stage's state: its own result file when the job finished, else what squeue says."""
     queue = _queue_states(study)
     rows = []
-    for stage in [PREPARE, *study.trainings, FINAL]:
-        if stage in study.trainings:
-            job = f"{study.jobs.get('train', '?')}_{study.trainings.index(stage)}"
-        else:
-            job = study.jobs.get(stage, "?")
+    for stage in [PREPARE, *study.tunings, *study.trainings, FINAL]:
+        job = study.job_of(stage)
         status = study.path / "status"
         if (status / f"{stage}.ok").exists():
             state = "ok"

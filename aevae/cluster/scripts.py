@@ -1,11 +1,12 @@
-"""The sbatch scripts of a study: a prepare job, one array task per training stage, and a final job that
-runs the pipeline as a DVC experiment with every training restored from the run-cache."""
+"""The sbatch scripts of a study: a prepare job, one array task per tuning stage (when tune.trials > 0), one
+array task per training stage, and a final job that runs the pipeline as a DVC experiment with every tuning
+and training restored from the run-cache."""
 
 from __future__ import annotations
 
 import shlex
 
-from aevae.cluster.study import FINAL, PREPARE, Resources, Study
+from aevae.cluster.study import FINAL, PREPARE, TRAIN, TUNE, Resources, Study
 
 
 def _header(study: Study, part: str, resources: Resources, output: str, stage: str) -> list[str]:
@@ -30,11 +31,12 @@ def _header(study: Study, part: str, resources: Resources, output: str, stage: s
             f'(cd "$1" && dvc remote default --local {shlex.quote(study.dvc_remote)}); }}']
 
 
-def stage_script(study: Study, resources: Resources) -> str:
-    """The training array: task i runs study.trainings[i] (the prepare job runs the same lines for `prepare`)."""
-    stages = " ".join(shlex.quote(s) for s in study.trainings)
+def stage_script(study: Study, resources: Resources, part: str = TRAIN) -> str:
+    """An array: task i runs study.stages_of(part)[i], the tunings or the trainings (the prepare job runs
+    the same lines for `prepare`)."""
+    stages = " ".join(shlex.quote(s) for s in study.stages_of(part))
     pick = f"stages=({stages}); stage=${{stages[$SLURM_ARRAY_TASK_ID]}}"
-    return "\n".join([*_header(study, "train", resources, "train-%A_%a.out", pick), *_repro_lines(study)]) + "\n"
+    return "\n".join([*_header(study, part, resources, f"{part}-%A_%a.out", pick), *_repro_lines(study)]) + "\n"
 
 
 def prepare_script(study: Study, resources: Resources) -> str:
@@ -57,7 +59,7 @@ def final_script(study: Study, resources: Resources) -> str:
         *_header(study, FINAL, resources, "final-%j.out", f"stage={FINAL}"),
         f'work={shlex.quote(str(study.path / "jobs" / FINAL))}',
         'clone "$work" && cd "$work"',
-        # Every training is in the run-cache now: the experiment restores them and runs the rest.
+        # Every tuning and training is in the run-cache now: the experiment restores them and runs the rest.
         f"dvc exp run --pull -n {shlex.quote(study.name)}",
         f"dvc exp push --run-cache origin {shlex.quote(study.name)}",
         f'echo "aevae: experiment {study.name} pushed; get it with: dvc exp pull origin {study.name}"',
@@ -65,6 +67,7 @@ def final_script(study: Study, resources: Resources) -> str:
 
 
 def scripts(study: Study, resources: Resources) -> dict[str, str]:
-    return {PREPARE: prepare_script(study, resources), "train": stage_script(study, resources),
+    tuning = {TUNE: stage_script(study, resources, TUNE)} if study.tunings else {}
+    return {PREPARE: prepare_script(study, resources), **tuning, TRAIN: stage_script(study, resources, TRAIN),
             FINAL: final_script(study, resources)}
 

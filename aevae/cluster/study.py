@@ -18,6 +18,8 @@ from aevae.config.schema import Params
 
 FINAL = "final"
 PREPARE = "prepare"
+TUNE = "tune"  # the tuning array (tune.trials > 0 only): one task per tune@<configuration>
+TRAIN = "train"  # the training array: one task per train@<configuration>-<seed>
 
 
 @dataclass(frozen=True)
@@ -51,16 +53,33 @@ class Study:
     trainings: list[str]
     tracking_uri: str
     setup: str
-    jobs: dict[str, str] = field(default_factory=dict)  # prepare / train / final -> Slurm job id
+    jobs: dict[str, str] = field(default_factory=dict)  # prepare / tune / train / final -> Slurm job id
+    tunings: list[str] = field(default_factory=list)  # tune@<configuration>; none when tune.trials is 0 (or older)
 
     @property
     def path(self) -> Path:
         return Path(self.folder)
 
+    def stages_of(self, part: str) -> list[str]:
+        """The stages of an array, one per task: the tunings or the trainings."""
+        return self.tunings if part == TUNE else self.trainings
+
+    def array_of(self, stage: str) -> str | None:
+        """The array (TUNE or TRAIN) whose task runs `stage`; None for prepare and final."""
+        return next((part for part in (TUNE, TRAIN) if stage in self.stages_of(part)), None)
+
+    def job_of(self, stage: str) -> str:
+        """Slurm's id of the job that runs `stage`: <array>_<task> for an array task; "?" before submission."""
+        part = self.array_of(stage)
+        if part is None:
+            return self.jobs.get(stage, "?")
+        return f"{self.jobs.get(part, '?')}_{self.stages_of(part).index(stage)}"
+
     def log_file(self, stage: str) -> Path:
         """Slurm's output file of the job that runs `stage` (known once the job is submitted)."""
-        if stage in self.trainings:
-            return self.path / "logs" / f"train-{self.jobs.get('train', '%A')}_{self.trainings.index(stage)}.out"
+        part = self.array_of(stage)
+        if part is not None:
+            return self.path / "logs" / f"{part}-{self.jobs.get(part, '%A')}_{self.stages_of(part).index(stage)}.out"
         part = FINAL if stage == FINAL else PREPARE
         return self.path / "logs" / f"{part}-{self.jobs.get(part, '%j')}.out"
 
@@ -130,7 +149,8 @@ def default_setup() -> str:
 
 def plan_study(repo: Path, params: Params, workdir: Path, *, git_url: str | None, dvc_remote: str | None,
                setup: str | None, name: str | None) -> Study:
-    """The study of the current commit: every (configuration, seed) of params.yaml is a training job."""
+    """The study of the current commit: every (configuration, seed) of params.yaml is a training job and,
+    when tune.trials > 0, every configuration a tuning job before them."""
     from aevae.tracking.store import tracking_uri
 
     if not (repo / ".git").exists():
@@ -145,5 +165,6 @@ def plan_study(repo: Path, params: Params, workdir: Path, *, git_url: str | None
                  dvc_remote=committed_dvc_remote(repo, commit, dvc_remote),
                  folder=str((workdir / name).resolve()),
                  trainings=[f"train@{config}-{seed}" for config, seed in params.trainings()],
-                 tracking_uri=tracking_uri(), setup=setup or default_setup())
+                 tracking_uri=tracking_uri(), setup=setup or default_setup(),
+                 tunings=[f"tune@{config}" for config in params.models] if params.tune.get("trials", 0) else [])
 

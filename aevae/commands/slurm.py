@@ -47,8 +47,9 @@ def _echo_states(rows) -> None:
 def submit(partition, cpus, mem, time_limit, gpus, name, git_url, dvc_remote, setup, workdir, params_file, dry_run,
            wait_) -> None:
     """Submit the current commit's study (every configuration and seed in params.yaml): a prepare job, one
-    array task per training stage, and a final job that runs the pipeline as the DVC experiment NAME with
-    every training restored from the run-cache; it is pushed to the git and DVC remotes."""
+    array task per tuning stage when tune.trials > 0, one array task per training stage, and a final job
+    that runs the pipeline as the DVC experiment NAME with every tuning and training restored from the
+    run-cache; it is pushed to the git and DVC remotes."""
     from aevae.cluster import jobs
     from aevae.cluster.scripts import scripts
     from aevae.cluster.study import Resources, plan_study
@@ -65,8 +66,11 @@ def submit(partition, cpus, mem, time_limit, gpus, name, git_url, dvc_remote, se
             click.echo(f"# ---- {part}.sbatch ----\n{text}")
         return
     jobs.submit(study, resources)
-    click.echo(f"study {study.name}: commit {study.commit[:8]}, {len(study.trainings)} trainings as array job "
-               f"{study.jobs['train']} after prepare {study.jobs['prepare']}, final job {study.jobs['final']}\n"
+    tunings = (f"{len(study.tunings)} tunings as array job {study.jobs['tune']} after prepare {study.jobs['prepare']}, "
+               if study.tunings else "")
+    click.echo(f"study {study.name}: commit {study.commit[:8]}, {tunings}{len(study.trainings)} trainings as array "
+               f"job {study.jobs['train']} after {'them' if study.tunings else 'prepare ' + study.jobs['prepare']}, "
+               f"final job {study.jobs['final']}\n"
                f"  folder: {study.path}\n  MLflow: {study.tracking_uri} ({jobs.environment_note()})\n"
                f"  watch:  aevae slurm status {study.name} --workdir {workdir}\n"
                f"  result: dvc exp pull origin {study.name} && dvc exp apply {study.name}")

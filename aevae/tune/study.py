@@ -22,11 +22,12 @@ from typing import Any
 import pandas as pd
 
 from aevae.config.schema import Params
+from aevae.data.load import read_manifest
 from aevae.files.atomic import atomic_path, write_text
 from aevae.files.model_dir import ModelDir
 from aevae.files.project import scratch_dir
 from aevae.train.dedupe import training_key
-from aevae.train.stage import Diverged, Nested, load_training_data, train, training_params
+from aevae.train.stage import Diverged, Nested, train, training_params
 from aevae.tune.params import Range, TuneParams, space_of
 from aevae.tune.runs import TuningRun
 
@@ -84,7 +85,7 @@ def tune(params: Params, settings: TuneParams, config: str, data_dir: Path, out:
     # storage, the sampler and the result are those of an uninterrupted tuning.
     study = optuna.create_study(study_name=config, storage=f"sqlite:///{out.storage}", sampler=sampler,
                                 direction="minimize")
-    data_sha256 = load_training_data(data_dir, params.data.image_size)[2]
+    data_sha256 = read_manifest(data_dir)["sha256"]  # the arrays are read by each training, not here
     rows = []
     with TuningRun(params, config, data_sha256, settings) as run:
         for number in range(settings.trials):
@@ -131,6 +132,6 @@ def _judge(params: Params, settings: TuneParams, config: str, chosen: dict[str, 
 def trial_dir(params: Params, config: str, chosen: dict[str, Any], seed: int, data_dir: Path) -> ModelDir:
     """The folder of one trial's training with one seed: named by its params, data and code."""
     run_params = params.for_config(config, chosen)
-    data_sha256 = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))["sha256"]
+    data_sha256 = read_manifest(data_dir)["sha256"]
     key = training_key(config, {"params": training_params(config, seed, run_params), "data_sha256": data_sha256})
     return ModelDir.of(trials_root() / key, config, seed)

@@ -100,6 +100,42 @@ def test_interrupt_keeps_the_checkpoint_and_marks_the_run_killed(fault_setup, tm
     assert mlflow.MlflowClient(store).get_run(run_id).info.status == "KILLED"
 
 
+def test_sigusr1_saves_the_state_and_the_stage_resumes_it_bitwise_in_the_same_run(fault_setup, tmp_path, store):
+    """The training stage as Slurm's time-limit notice reaches it: SIGUSR1 once its first epoch is saved. It
+    stops after the batch it was in (exit 130, the message says where it saved), and the same command
+    resumes there and ends bitwise equal to an uninterrupted training, in the same MLflow run. ~40 s."""
+    reference = finish(fault_setup(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+    stopped = out(tmp_path / "stopped")
+    proc = fault_setup(tmp_path / "stopped")
+    wait_for_epoch(stopped / "last.pt", 1, proc)
+    proc.send_signal(signal.SIGUSR1)
+    result = finish(proc)
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    saved = torch.load(stopped / "last.pt", weights_only=True)
+    assert 1 <= saved["epoch"] < FAULT_PARAMS["epochs"] and not saved["complete"]
+    where = (f"in epoch {saved['epoch'] + 1} after batch {saved['partial']['batches']} of"
+             if saved["partial"] else f"after epoch {saved['epoch']}")
+    assert f"Interrupted: vae-seed0 stopped by SIGUSR1 {where}" in result.stderr, result.stderr
+    (stopped / "best.pt").unlink()  # as `dvc repro` does to a stage's outputs before running it
+
+    resumed = finish(fault_setup(tmp_path / "stopped"))
+    assert resumed.returncode == 0, resumed.stderr
+    where = (f"in epoch {saved['epoch'] + 1} after batch {saved['partial']['batches']}" if saved["partial"]
+             else f"after epoch {saved['epoch']}")
+    assert f"vae: resuming {where}" in resumed.stderr, resumed.stderr
+    a, b = (torch.load(out(tmp_path / d) / "last.pt", weights_only=True) for d in ("reference", "stopped"))
+    assert _equal(a["state_dict"], b["state_dict"]) and a["history"] == b["history"]
+    best_a, best_b = (torch.load(out(tmp_path / d) / "best.pt", weights_only=True) for d in ("reference", "stopped"))
+    assert _equal(best_a["state_dict"], best_b["state_dict"])
+
+    client = mlflow.MlflowClient(store)
+    run_id = json.loads((stopped / "run.json").read_text())["run_id"]
+    assert run_id == saved["run_id"] and client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "val_loss")]
+    assert sorted(steps) == list(range(1, FAULT_PARAMS["epochs"] + 1))  # each epoch logged once
+
+
 def test_divergence_stops_with_a_clear_error_and_no_nan_checkpoint(tmp_path, store, write_params):
     tiny_data = tmp_path / "prepared"
     prepare(load_params(write_params({"data": {"image_size": 32, "builtin_size": 60}})).data, seed=0, out=tiny_data)
@@ -159,3 +195,7 @@ def test_an_output_path_that_cannot_be_a_folder_is_a_one_line_error(fault_setup,
     (tmp_path / "blocker").write_text("a file where the output folder should go")
     result = finish(fault_setup(tmp_path / "blocker" / "models"))
     one_line_error(result, str(tmp_path / "blocker"))
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

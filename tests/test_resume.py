@@ -60,9 +60,12 @@ def test_a_last_pt_of_other_params_or_other_data_is_ignored_and_training_starts_
 
     client = mlflow.MlflowClient(store)
     other_data_sha = json.loads((other_data / "manifest.json").read_text())["sha256"]
-    for out, log, lr, sha in ((first, logs[0], 0.001, killed["fingerprint"]["data_sha256"]),
-                              (second, logs[1], 0.002, other_data_sha)):
-        assert "resuming" not in log and f"ae-seed0 epoch 1/{EPOCHS}" in log, log[-3000:]
+    killed_sha = killed["fingerprint"]["data_sha256"]
+    for out, log, lr, sha, why in ((first, logs[0], 0.001, killed_sha, "its params differ (lr)"),
+                                   (second, logs[1], 0.002, other_data_sha, "it was trained on other data")):
+        # It starts over and says why (a requeued Slurm job's log must).
+        assert f"ae: not resuming {out / 'last.pt'}: {why}; training from epoch 0" in log, log[-3000:]
+        assert "resuming after" not in log and f"ae-seed0 epoch 1/{EPOCHS}" in log, log[-3000:]
         with (out / "history.csv").open(newline="") as f:
             rows = list(csv.DictReader(f))
         assert [int(row["epoch"]) for row in rows] == list(range(1, EPOCHS + 1)), out

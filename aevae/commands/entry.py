@@ -31,8 +31,11 @@ def run(command: click.Command) -> None:
     try:
         with logging_redirect_tqdm():
             command.main(standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-        click.echo("Interrupted: the last complete checkpoint and outputs are kept.", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as err:  # click turns Ctrl-C into Abort
+        # A training stopped on request says where it saved its state (aevae.train.stop.Stopped).
+        said = str(err.__cause__ if isinstance(err, click.exceptions.Abort) else err)
+        click.echo(f"Interrupted: {said}" if said else
+                   "Interrupted: the last complete checkpoint and outputs are kept.", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()

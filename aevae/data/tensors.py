@@ -16,12 +16,13 @@ def to_unit(images: np.ndarray | Tensor) -> Tensor:
 
 
 def batches(images: np.ndarray | Tensor, batch_size: int, device: torch.device,
-            generator: torch.Generator | None = None) -> Iterator[Tensor]:
+            generator: torch.Generator | None = None, skip: int = 0) -> Iterator[Tensor]:
     """Float (N, 3, H, W) batches in [0, 1] of (N, H, W, 3) uint8 images, in order or, when a generator is
-    given, shuffled (training: a batch of one image is left out, BatchNorm cannot normalise it)."""
+    given, shuffled (training: a batch of one image is left out, BatchNorm cannot normalise it); the first
+    `skip` batches of that order are left out (a pass resumed mid-epoch)."""
     images, n = torch.as_tensor(images), len(images)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    for start in range(0, n, batch_size):
+    for start in range(skip * batch_size, n, batch_size):
         idx = order[start: start + batch_size]
         if generator is not None and len(idx) < 2:
             continue

@@ -36,7 +36,7 @@ class ModelDir:
         return self.path / "best.pt"
 
     @property
-    def last(self) -> Path:  # the full training state after the last complete epoch: what a restart resumes
+    def last(self) -> Path:  # the full training state after the last complete epoch (or batch, when stopped)
         return self.path / "last.pt"
 
     @property

@@ -28,6 +28,7 @@ from aevae.tracking.provenance import Pipeline
 from aevae.tracking.runs import pipeline_stage, training_run
 from aevae.tracking.training_log import log_epoch, log_images, log_trained_model
 from aevae.train.dedupe import trained_dir, training_key, training_once
+from aevae.train.loop import EpochInterrupted
 from aevae.train.state import (
     TrainingState,
     read_history,
@@ -37,6 +38,7 @@ from aevae.train.state import (
     start_or_resume,
     train_one_epoch,
 )
+from aevae.train.stop import Stopped, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -133,27 +135,33 @@ def _train_here(params: Params, data: tuple[Tensor, Tensor], fingerprint: dict[s
     parent_run = nullcontext(where.parent_id) if isinstance(where, Nested) else pipeline_stage(where)
     with CoreShare() as cores, parent_run as parent, training_run(
             name, fingerprint["params"], tags, run_id=state.run_id, run_file=out.run_file, parent_id=parent,
-            system_metrics=params.tracking.system_metrics) as run_id:
+            system_metrics=params.tracking.system_metrics) as run_id, StopSignals() as stop:
         state.run_id = run_id
-        _epochs(state, params, (train_x, val_x), fingerprint, out, (device, precision), cores)
+        _epochs(state, params, (train_x, val_x), fingerprint, out, (device, precision), cores, stop)
         log_trained_model(out, state.best_val, load_model(out.best)[0])
     return state.history
 
 
 def _epochs(state: TrainingState, params: Params, data: tuple[Tensor, Tensor], fingerprint: dict[str, Any],
-            out: ModelDir, hardware: tuple[torch.device, str], cores: CoreShare) -> None:
+            out: ModelDir, hardware: tuple[torch.device, str], cores: CoreShare, stop: StopSignals) -> None:
     """The epochs still to run: train, validate, keep the files, log the row (and every images_every
-    epochs the progress images); a diverged loss stops with the last good checkpoint named."""
+    epochs the progress images); a diverged loss stops with the last good checkpoint named, a stop request
+    (aevae.train.stop) after the batch it came in, with the state saved in last.pt."""
     (train_x, val_x), (device, precision) = data, hardware
     name, all_threads = f"{out.config}-seed{out.seed}", torch.get_num_threads()
     every, fixed = params.tracking.images_every, val_x[: params.tracking.image_count]
     epochs = tqdm(range(state.epoch + 1, params.epochs + 1), desc=f"train {name}", unit="epoch",
                   initial=state.epoch, total=params.epochs)
     for _ in epochs:
+        if stop():  # it came in after the last batch of an epoch, whose state is saved
+            raise Stopped(_stopped(stop, name, f"after epoch {state.epoch}", out))
         if not params.train.threads:
             _take_fair_share(cores, all_threads)
         try:
-            row = train_one_epoch(state, train_x, val_x, params, device, precision)
+            row = train_one_epoch(state, train_x, val_x, params, device, precision, stop)
+        except EpochInterrupted as interrupted:
+            save_resume_state(state, out, fingerprint, params.epochs)
+            raise Stopped(_stopped(stop, name, f"in epoch {state.epoch + 1} {interrupted}", out)) from None
         except FloatingPointError as err:
             last_good = f"{out.last} (epoch {state.epoch})" if state.epoch else "none"
             raise Diverged(f"{name} training diverged in epoch {state.epoch + 1}: {err} at lr "
@@ -169,6 +177,13 @@ def _epochs(state: TrainingState, params: Params, data: tuple[Tensor, Tensor], f
         epochs.set_postfix(train=f"{row['train_loss']:.4g}", val=f"{row['val_loss']:.4g}")
         log.info("%s epoch %d/%d  %s", name, state.epoch, params.epochs,
                  "  ".join(f"{k}={v:.5g}" for k, v in row.items() if k != "epoch"))
+
+
+def _stopped(stop: StopSignals, name: str, where: str, out: ModelDir) -> str:
+    message = f"{name} stopped by {stop.requested} {where}; its state is saved in {out.last}: run the stage " \
+              "again to resume from there"
+    log.warning(message)
+    return message
 
 
 def _take_fair_share(cores: CoreShare, all_threads: int) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from aevae.files.model_dir import ModelDir
 from aevae.models.checkpoints import save_model
 from aevae.models.contract import Model
 from aevae.models.registry import build_model
-from aevae.train.loop import make_optimizer, run_epoch
+from aevae.train.loop import EpochInterrupted, EpochProgress, make_optimizer, run_epoch
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class TrainingState:
     best_epoch: int = 0
     epoch: int = 0  # the last complete epoch
     run_id: str | None = None  # the MLflow run it logs into
+    partial: EpochProgress | None = None  # how far into epoch `epoch + 1` a stopped pass got
+    epoch_generator: Tensor | None = None  # the generator's state before that epoch drew its order
 
 
 def start_or_resume(config: str, seed: int, params: Params, last: Path, fingerprint: dict,
@@ -49,7 +52,7 @@ def start_or_resume(config: str, seed: int, params: Params, last: Path, fingerpr
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=params.train.plateau_factor, patience=params.train.plateau_patience)
     state = TrainingState(model, optimizer, scheduler, torch.Generator().manual_seed(seed), history=[])
-    saved = _load_resumable(last, model.kind, fingerprint)
+    saved = _load_resumable(last, model.kind, fingerprint, config)
     if saved is not None:
         model.load_state_dict(saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -59,33 +62,54 @@ def start_or_resume(config: str, seed: int, params: Params, last: Path, fingerpr
         state.history, state.best_val, state.epoch, state.run_id = (
             saved["history"], saved["best_val"], saved["epoch"], saved["run_id"])
         state.best_weights, state.best_epoch = saved.get("best_state_dict"), saved.get("best_epoch", 0)
-        log.info("%s: resuming after epoch %d from %s (MLflow run %s)", config, state.epoch, last, state.run_id)
+        state.partial = EpochProgress(**saved["partial"]) if saved.get("partial") else None
+        where = (f"in epoch {state.epoch + 1} after batch {state.partial.batches}" if state.partial
+                 else f"after epoch {state.epoch}")
+        log.info("%s: resuming %s from %s (MLflow run %s)", config, where, last, state.run_id)
     return state
 
 
-def _load_resumable(path: Path, kind: str, fingerprint: dict) -> dict | None:
-    """The state in last.pt when it is an unfinished run of this very configuration, else None."""
+def _load_resumable(path: Path, kind: str, fingerprint: dict, config: str) -> dict | None:
+    """The state in last.pt when it is an unfinished run of this very configuration, else None; the log
+    says why a last.pt that is there is not resumed (a job that starts over must say so)."""
     if not path.exists():
+        log.info("%s: no saved state in %s: training from epoch 0", config, path)
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt or foreign file: start over rather than trust it
-        log.warning("ignoring %s (%s: %s); training from scratch", path, type(err).__name__, err)
+        log.warning("%s: ignoring %s (%s: %s); training from epoch 0", config, path, type(err).__name__, err)
         return None
-    if state.get("kind") != kind or state.get("fingerprint") != fingerprint or state.get("complete", True):
+    if state.get("kind") != kind or state.get("fingerprint") != fingerprint:
+        saved, wanted = (state.get("fingerprint") or {}).get("params", {}), fingerprint["params"]
+        differ = sorted(key for key in saved.keys() | wanted.keys() if saved.get(key) != wanted.get(key))
+        why = (f"it is a {state.get('kind')}" if state.get("kind") != kind else
+               f"its params differ ({', '.join(differ)})" if differ else "it was trained on other data")
+        log.warning("%s: not resuming %s: %s; training from epoch 0", config, path, why)
+        return None
+    if state.get("complete", True):
+        log.info("%s: %s holds a finished training of these params: training again from epoch 0 (a "
+                 "finished stage is restored by DVC, not run)", config, path)
         return None
     return state
 
 
-def train_one_epoch(state: TrainingState, train_x: Tensor, val_x: Tensor, params: Params,
-                    device: torch.device, precision: str = "fp32") -> dict[str, float]:
-    """Train on every training image once, validate, step the scheduler; returns the epoch's history row.
-    A non-finite loss raises FloatingPointError before anything of the epoch is kept."""
+def train_one_epoch(state: TrainingState, train_x: Tensor, val_x: Tensor, params: Params, device: torch.device,
+                    precision: str = "fp32", stop: Callable[[], bool] | None = None) -> dict[str, float]:
+    """Train on every training image once (or what a stopped pass left), validate, step the scheduler;
+    returns the epoch's history row. A non-finite loss raises FloatingPointError before anything of the
+    epoch is kept; a stop request (`stop`) raises EpochInterrupted with `state.partial` set."""
     epoch = state.epoch + 1
     lr = state.optimizer.param_groups[0]["lr"]
     common = {"batch_size": params.batch_size, "device": device, "precision": precision}
-    train_terms = run_epoch(state.model, train_x, **common, epoch=epoch, optimizer=state.optimizer,
-                            generator=state.generator, desc="train")
+    state.epoch_generator = state.generator.get_state()  # a resumed pass was put back to this very state
+    try:
+        train_terms = run_epoch(state.model, train_x, **common, epoch=epoch, optimizer=state.optimizer,
+                                generator=state.generator, desc="train", done=state.partial, stop=stop)
+    except EpochInterrupted as interrupted:
+        state.partial = interrupted.progress
+        raise
+    state.partial = None
     val_terms = run_epoch(state.model, val_x, **common, desc="val")
     state.scheduler.step(val_terms["loss"])
     row = {"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in train_terms.items()},
@@ -106,13 +130,18 @@ def save_best_and_history(state: TrainingState, out: ModelDir) -> None:
 
 
 def save_resume_state(state: TrainingState, out: ModelDir, fingerprint: dict, epochs: int) -> None:
-    """last.pt: the full state to resume from, `complete` once the last of `epochs` is done."""
-    save_model(out.last, state.model, epoch=state.epoch, val_loss=state.history[-1]["val_loss"],
+    """last.pt: the full state to resume from, `complete` once the last of `epochs` is done. Mid-epoch
+    (a stopped pass) it also holds the pass's progress, and the generator as it was before the epoch drew
+    its order, so the resumed pass draws the same order and skips the batches done."""
+    mid_epoch = state.partial is not None
+    save_model(out.last, state.model, epoch=state.epoch,
+               val_loss=state.history[-1]["val_loss"] if state.history else None,
                best_val=state.best_val, history=state.history, fingerprint=fingerprint, run_id=state.run_id,
                best_state_dict=state.best_weights, best_epoch=state.best_epoch,
-               complete=state.epoch == epochs, optimizer=state.optimizer.state_dict(),
-               scheduler=state.scheduler.state_dict(), generator=state.generator.get_state(),
-               torch_rng=torch.get_rng_state())
+               complete=state.epoch == epochs and not mid_epoch, optimizer=state.optimizer.state_dict(),
+               scheduler=state.scheduler.state_dict(),
+               generator=state.epoch_generator if mid_epoch else state.generator.get_state(),
+               torch_rng=torch.get_rng_state(), partial=asdict(state.partial) if mid_epoch else None)
 
 
 def restore_best(state: TrainingState, params: Params, out: ModelDir) -> None:

@@ -53,7 +53,7 @@ class TuningRun:
             self.client.set_tag(run_id, "chosen", "true")
 
     def __exit__(self, kind: Any, error: Any, trace: Any) -> bool | None:
-        status = "FINISHED" if kind is None else "KILLED" if kind is KeyboardInterrupt else "FAILED"
+        status = "FINISHED" if kind is None else "KILLED" if kind and issubclass(kind, KeyboardInterrupt) else "FAILED"
         try:
             self.client.set_terminated(self.run_id, status=status)
         except Exception as err:  # the stage's own outcome matters more than the run's status

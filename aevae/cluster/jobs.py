@@ -87,6 +87,20 @@ class JobState:
     job: str
     state: str  # ok, failed (exit N), or Slurm's state: PENDING, RUNNING, CANCELLED, ...
     log: Path
+    nodes: tuple[str, ...] = ()  # where each run of the job started, in order: more than one = requeued
+
+    @property
+    def restarts(self) -> int:
+        return max(len(self.nodes) - 1, 0)
+
+
+def job_starts(study: Study, stage: str) -> tuple[str, ...]:
+    """The node of each start of `stage`'s job (status/<stage>.starts: time, job id, node, restart count)."""
+    try:
+        lines = (study.path / "status" / f"{stage}.starts").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return ()
+    return tuple(line.split()[2] for line in lines if len(line.split()) >= 3)
 
 
 def study_states(study: Study) -> list[JobState]:
@@ -105,7 +119,7 @@ def study_states(study: Study) -> list[JobState]:
             state += f" ({reason})" if reason and reason != "None" else ""
         else:
             state = "unknown (Slurm no longer lists it and it left no result: see its log)"
-        rows.append(JobState(stage, job, state, study.log_file(stage)))
+        rows.append(JobState(stage, job, state, study.log_file(stage), job_starts(study, stage)))
     return rows
 
 

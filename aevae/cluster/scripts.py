@@ -10,25 +10,56 @@ from aevae.cluster.study import FINAL, PREPARE, TRAIN, TUNE, Resources, Study
 
 
 def _header(study: Study, part: str, resources: Resources, output: str, stage: str) -> list[str]:
-    """The directives, then the job's result recorded whatever happens (for `aevae slurm status`:
-    status/<stage>.ok, or .failed with the exit code), then the user's setup."""
+    """The directives, then the job's records (for `aevae slurm status`): each start of it appended to
+    status/<stage>.starts, and its result, status/<stage>.ok or .failed with the exit code, whatever
+    happens but a stop by Slurm (preemption, requeue, a node taken down, scancel: Slurm's own state says
+    what follows); then the signal handling and the user's setup."""
     return ["#!/bin/bash",
             f"#SBATCH --job-name=aevae-{part}",
             f"#SBATCH --output={study.path / 'logs' / output}",
+            # Preempted, stopped ahead of its time limit, or on a node that failed: back in the queue, and its
+            # log goes on after the earlier run's instead of replacing it.
+            "#SBATCH --requeue",
+            "#SBATCH --open-mode=append",
+            # Trainings and tunings: the notice ahead of the time limit, to this script (B:), which passes it
+            # on to the training and requeues the job. Prepare and the final job are not told: rerun from their
+            # start, they could not get further in the same time.
+            *([f"#SBATCH --signal=B:USR1@{resources.notice}"] if part in (TRAIN, TUNE) else []),
             *resources.directives(),
             f"# aevae study {study.name}: commit {study.commit}",
             "set -euo pipefail",
             stage,
             f"status={shlex.quote(str(study.path / 'status'))}",
+            'rm -f "$status/$stage.ok" "$status/$stage.failed"  # a requeued run\'s result is its own',
+            'echo "$(date +%FT%T) ${SLURM_JOB_ID:-?} ${SLURMD_NODENAME:-$(hostname)} restart '
+            '${SLURM_RESTART_COUNT:-0}" >> "$status/$stage.starts"',
+            'stopping=""  # the signal that stops this run: USR1 (time limit near) or TERM (Slurm stops the job)',
             'mark() { code=$?; if [ "$code" = 0 ]; then echo 0 > "$status/$stage.ok"; '
-            'else echo "$code" > "$status/$stage.failed"; fi; }',
+            'elif [ -z "$stopping" ]; then echo "$code" > "$status/$stage.failed"; fi; }',
             "trap mark EXIT",
+            # Passed on to the stage's process group: the training saves its state after the batch it is in
+            # and stops (aevae.train.stop); everything else in that group ignores USR1.
+            'pass_on() { stopping=$1; echo "aevae: SIG$1 at $(date +%T) on $(hostname): the training saves its '
+            'state and stops"; if [ -n "${child:-}" ]; then kill -"$1" -- -"$child" 2>/dev/null || true; fi; }',
+            "trap 'pass_on USR1' USR1",
+            "trap 'pass_on TERM' TERM",
+            # The stage's command in a session of its own (so its whole process group gets the signal), with
+            # USR1 ignored by all but the training, which handles it; waits through the traps.
+            'in_group() { setsid bash -c \'trap "" USR1; exec "$@"\' aevae-stage "$@" & child=$!; '
+            'while true; do code=0; wait "$child" || code=$?; '
+            'kill -0 "$child" 2>/dev/null || { child=""; return "$code"; }; done; }',
             study.setup,
             f"export MLFLOW_TRACKING_URI={shlex.quote(study.tracking_uri)}",
-            # Each job works in its own clone of the commit; a rerun of the job starts from a fresh one.
-            f'clone() {{ rm -rf "$1"; git clone --quiet {shlex.quote(study.git_url)} "$1"; '
+            # Each job works in a clone of the commit, kept across requeues: a requeued training, on this node
+            # or another, finds its last.pt there. A killed dvc's locks go: the job is the clone's only user.
+            f'clone() {{ if [ "$(git -C "$1" rev-parse HEAD 2>/dev/null)" = {study.commit} ]; then '
+            'echo "aevae: going on in $1"; rm -f "$1/.dvc/tmp/rwlock" "$1/.dvc/tmp/lock"; return; fi; '
+            f'rm -rf "$1"; git clone --quiet {shlex.quote(study.git_url)} "$1"; '
             f'git -C "$1" checkout --quiet --detach {study.commit}; '
-            f'(cd "$1" && dvc remote default --local {shlex.quote(study.dvc_remote)}); }}']
+            f'(cd "$1" && dvc remote default --local {shlex.quote(study.dvc_remote)}); }}',
+            # Stopped by USR1: back in the queue, to go on from the saved state; stopped by Slurm: Slurm decides.
+            'stopped() { if [ "$stopping" = USR1 ]; then echo "aevae: requeueing job $SLURM_JOB_ID"; '
+            'scontrol requeue "$SLURM_JOB_ID"; fi; exit "$1"; }']
 
 
 def stage_script(study: Study, resources: Resources, part: str = TRAIN) -> str:
@@ -50,7 +81,8 @@ def _repro_lines(study: Study) -> list[str]:
             'clone "$work" && cd "$work"',
             # --pull restores what any machine pushed before (data, and this stage from the run-cache if it was
             # ever run with these params, data and code); only a missing result runs.
-            'dvc repro --pull "$stage"',
+            'code=0; in_group dvc repro --pull "$stage" || code=$?',
+            'if [ "$code" != 0 ]; then if [ -n "$stopping" ]; then stopped "$code"; fi; exit "$code"; fi',
             'dvc push --run-cache "$stage"']
 
 
@@ -60,7 +92,8 @@ def final_script(study: Study, resources: Resources) -> str:
         f'work={shlex.quote(str(study.path / "jobs" / FINAL))}',
         'clone "$work" && cd "$work"',
         # Every tuning and training is in the run-cache now: the experiment restores them and runs the rest.
-        f"dvc exp run --pull -n {shlex.quote(study.name)}",
+        f'code=0; in_group dvc exp run --pull -n {shlex.quote(study.name)} || code=$?',
+        'if [ "$code" != 0 ]; then if [ -n "$stopping" ]; then stopped "$code"; fi; exit "$code"; fi',
         f"dvc exp push --run-cache origin {shlex.quote(study.name)}",
         f'echo "aevae: experiment {study.name} pushed; get it with: dvc exp pull origin {study.name}"',
     ]) + "\n"

@@ -31,6 +31,15 @@ class Resources:
     mem: str | None = None
     time: str | None = None
     gpus: int = 0
+    notice: int = 120  # seconds ahead of the time limit that a job is told to save and requeue
+
+    def check(self) -> None:
+        """The notice must come after the job starts: a notice as long as the time limit would stop, and
+        requeue, every run of a training at its start."""
+        limit = time_limit_seconds(self.time) if self.time else None
+        if limit is not None and self.notice >= limit:
+            raise AevaeError(f"--notice {self.notice} s is not shorter than --time {self.time} ({limit} s): a "
+                             "training would be told to stop as it starts; lower --notice or raise --time")
 
     def directives(self) -> list[str]:
         lines = [f"--cpus-per-task={self.cpus}"]
@@ -39,6 +48,22 @@ class Resources:
         lines += [f"--time={self.time}"] if self.time else []
         lines += [f"--gres=gpu:{self.gpus}"] if self.gpus else []
         return [f"#SBATCH {line}" for line in lines]
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """sbatch's --time in seconds: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+    days-hours:minutes or days-hours:minutes:seconds (None: UNLIMITED); a one-line error for anything else."""
+    if text.strip().upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if match is None:
+        raise AevaeError(f"--time {text!r}: use minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]] (sbatch's forms)")
+    days, first, second, third = match.groups()
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        return ((int(days) * 24 + int(first)) * 60 + int(second or 0)) * 60 + int(third or 0)
+    if third is not None:  # HH:MM:SS
+        return (int(first) * 60 + int(second)) * 60 + int(third)
+    return int(first) * 60 + int(second or 0)  # MM or MM:SS
 
 
 @dataclass

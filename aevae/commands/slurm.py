@@ -26,6 +26,8 @@ def _echo_states(rows) -> None:
     width = max(len(r.stage) for r in rows)
     for r in rows:
         line = f"{r.stage:<{width}}  job {r.job:<10}  {r.state}"
+        if r.restarts:  # requeued (preempted, time limit, node down): where each run started
+            line += f"  requeued {r.restarts}x, ran on {' -> '.join(r.nodes)}"
         click.echo(line + (f"  log: {r.log}" if not r.state.startswith(("ok", "PENDING")) else ""))
 
 
@@ -35,6 +37,9 @@ def _echo_states(rows) -> None:
 @click.option("--mem", help="Memory per job, e.g. 8G (default: the partition's).")
 @click.option("--time", "time_limit", help="Time limit per job, e.g. 04:00:00 (default: the partition's).")
 @click.option("--gpus", type=click.IntRange(0), default=0, show_default=True, help="GPUs per job (--gres=gpu:N).")
+@click.option("--notice", type=click.IntRange(1), default=120, show_default=True,
+              help="Seconds ahead of the time limit when a job is told to stop (--signal=B:USR1@N): a training "
+                   "saves its state and the job requeues itself, to go on where it stopped.")
 @click.option("--name", help="The study's name: its folder and its DVC experiment (default: study-<commit>-<time>).")
 @click.option("--git-url", help="Where the jobs clone the commit from (default: origin, or this repository).")
 @click.option("--dvc-remote", help="The DVC remote the jobs share through (default: the commit's default remote).")
@@ -44,8 +49,8 @@ def _echo_states(rows) -> None:
 @params_option
 @click.option("--dry-run", is_flag=True, help="Print the sbatch scripts and submit nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Stay until the study succeeds or a job fails (exit 1).")
-def submit(partition, cpus, mem, time_limit, gpus, name, git_url, dvc_remote, setup, workdir, params_file, dry_run,
-           wait_) -> None:
+def submit(partition, cpus, mem, time_limit, gpus, notice, name, git_url, dvc_remote, setup, workdir, params_file,
+           dry_run, wait_) -> None:
     """Submit the current commit's study (every configuration and seed in params.yaml): a prepare job, one
     array task per tuning stage when tune.trials > 0, one array task per training stage, and a final job
     that runs the pipeline as the DVC experiment NAME with every tuning and training restored from the
@@ -58,7 +63,8 @@ def submit(partition, cpus, mem, time_limit, gpus, name, git_url, dvc_remote, se
 
     if not dry_run:
         jobs.sbatch_path()
-    resources = Resources(partition, cpus, mem, time_limit, gpus)
+    resources = Resources(partition, cpus, mem, time_limit, gpus, notice)
+    resources.check()
     study = plan_study(project_root(), load_params(params_file), workdir, git_url=git_url,
                        dvc_remote=dvc_remote, setup=setup, name=name)
     if dry_run:

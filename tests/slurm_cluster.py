@@ -1,16 +1,43 @@
-"""A real one-node Slurm cluster (munged + slurmctld + slurmd) in a directory, for tests and CI.
+"""A real Slurm cluster (munged + slurmctld + one slurmd per node) in a directory, for tests and CI.
 
 Everything it needs lives under `root`: its own slurm.conf, munge key and socket, state, spool, logs and pid
 files (the sockets move to a short temporary directory when `root`'s path is long), and its own TCP ports picked
 at start. So it clashes with neither a system Slurm or munge nor another cluster of this kind, and it needs no
-systemd, no cgroups and no hostname setup: the node is called `localhost`.
+systemd, no cgroups and no hostname setup. One node (the default) is called `localhost` (127.0.0.1) and declares
+the machine's hardware. With `nodes=N` there are N slurmd daemons on this machine, node1..nodeN, each declaring
+`cpus_per_node` CPUs (1 by default) with its own NodeAddr 127.0.1.k (all of 127/8 is loopback) and its own
+`Port=`; `slurmd -N nodeK` picks its node's line, so Debian's build (no --enable-multiple-slurmd) runs them
+fine, and %n in SlurmdSpoolDir, SlurmdPidFile and SlurmdLogFile gives each its own (log/slurmd-nodeK.log).
 It runs as root (the daemons and the jobs). Install: `apt-get install -y --no-install-recommends slurmctld
 slurmd slurm-client munge` (Debian 12: Slurm 22.05).
 
 Job records outlive the jobs twice over: the controller keeps finished jobs for MinJobAge (an hour here), so
 `scontrol show job` and `squeue --states=all` see them; and jobcomp/filetxt appends one line per finished job
 (completed, failed, cancelled, never started) to `root/jobcomp.log`, read by `job_records()` or by
-`sacct --completion`. Plain `sacct` has no data: there is no slurmdbd.
+`sacct --completion`. Plain `sacct` has no data: there is no slurmdbd. A requeued job adds a line per ended
+run, with the same JobId: JobState=PENDING after `scontrol requeue`, NODE_FAIL when its node was set DOWN.
+
+Requeue, signals and time limits, as measured on this cluster (Slurm 22.05.8, KillWait=5, cred_expire=5):
+- `scontrol requeue <id>` of a running --requeue job: the batch shell and every process below it get SIGCONT
+  and SIGTERM at once, SIGKILL KillWait (5 s) later; the job is COMPLETING meanwhile, then PENDING
+  (Reason=BeginTime) until cred_expire + 1 s after the kill, and runs again ~11 s after the requeue with
+  SLURM_RESTART_COUNT=1 (unset on the first run), Restarts=1, the same job id (an array task keeps its
+  `<array>_<task>`). With --open-mode=append the log keeps the first run's lines and slurmstepd's
+  "*** JOB n ON node CANCELLED AT ... DUE TO JOB REQUEUE ***"; without it the log is truncated on the rerun.
+- `--signal=B:USR1@50 --time=1`: USR1 (with a SIGCONT) reaches the batch shell only, not its children, at the
+  controller's next 30 s time check after the 10 s mark (23 s after the start here; 20 s in a rerun). A trap
+  that runs `scontrol requeue $SLURM_JOB_ID` requeues it as above (the trap's scontrol may itself be ended by
+  the SIGTERM, exit 143, after the requeue is done). Without a requeue the job is killed for its time limit at
+  the first 30 s check after 60 s (83 s here): SIGCONT + SIGTERM to all, SIGKILL 5 s later, state TIMEOUT.
+  `--signal=USR1@50` without `B:` reaches no process of a batch script that runs no srun (only job steps).
+- `scontrol update NodeName=n State=DOWN Reason=x` under a --requeue job: SIGCONT + SIGTERM at once, SIGKILL
+  5 s later (the processes do die here); the job is PENDING (BeginTime) at once, Restarts=1, and starts on
+  another node 6 s (cred_expire + 1) after: so a KillWait longer than that would let two runs overlap.
+  The node stays `down` (ReturnToService=1) until State=RESUME, which makes it idle within a second.
+- proctrack/linuxproc finds a job's processes by walking down from its slurmstepd: a child that survives the
+  SIGTERM after its batch shell died is reparented to init and never gets the SIGKILL (scancel leaves it
+  running). stop() kills such leftovers. (`setsid cmd &` in a batch script does not fork: $! is the new
+  session's leader, and `wait $!` waits for it; it forks, and $! exits at once, only under job control.)
 """
 
 from __future__ import annotations
@@ -59,18 +86,28 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 class SlurmCluster:
-    """A one-node cluster under `root`: `with SlurmCluster(path) as cluster:` starts it and waits until the
-    node is idle; `cluster.env` is the environment for sbatch/squeue/scontrol subprocesses; leaving the block
-    cancels every job and stops the daemons."""
+    """A cluster of `nodes` nodes under `root`: `with SlurmCluster(path) as cluster:` starts it and waits until
+    every node is idle; `cluster.env` is the environment for sbatch/squeue/scontrol subprocesses;
+    `cluster.nodes` the node names; leaving the block cancels every job and stops the daemons."""
 
-    def __init__(self, root: Path, start_timeout: float = 30.0) -> None:
+    def __init__(self, root: Path, nodes: int = 1, cpus_per_node: int | None = None,
+                 start_timeout: float = 30.0) -> None:
+        if nodes < 1:
+            raise ValueError(f"a cluster needs at least one node, not {nodes}")
         self.root = Path(root).resolve()
         self.start_timeout = start_timeout
+        # One node: `localhost` on 127.0.0.1 with the machine's hardware. More: node1..nodeN on 127.0.1.1..N,
+        # each its own slurmd on its own port, declaring `cpus_per_node` CPUs (1 unless given).
+        self.nodes: list[str] = ["localhost"] if nodes == 1 else [f"node{k}" for k in range(1, nodes + 1)]
+        self.addresses: dict[str, str] = ({"localhost": "127.0.0.1"} if nodes == 1 else
+                                          {name: f"127.0.1.{k}" for k, name in enumerate(self.nodes, 1)})
+        self.cpus_per_node = cpus_per_node if cpus_per_node is not None or nodes == 1 else 1
         self.conf = self.root / "slurm.conf"
         self.jobcomp = self.root / "jobcomp.log"
         self.logs = self.root / "log"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._socket_dir: Path | None = None  # a short directory for the sockets when root's path is too long
+        self._spool: Path | None = None  # slurmd's spool (one folder per node when there are several)
         self.env: dict[str, str] = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
         self.env["SLURM_CONF"] = str(self.conf)  # SLURM_* from an enclosing job would redirect sbatch's defaults
         # The daemons live in /usr/sbin, which a non-login shell's PATH may lack.
@@ -105,14 +142,16 @@ class SlurmCluster:
         sockets = self.root / "run"
         if len(str(sockets)) > 60:
             self._socket_dir = sockets = Path(tempfile.mkdtemp(prefix="slurm-"))
-        for sub in (self.root / "state", self.logs, self.root / "munge", sockets / "spool"):
+        spools = [sockets / "spool"] if self.nodes == ["localhost"] else [sockets / "spool" / n for n in self.nodes]
+        for sub in (self.root / "state", self.logs, self.root / "munge", *spools):
             sub.mkdir(parents=True, exist_ok=True)
         munge_dir = self.root / "munge"
         munge_socket = sockets / "munge.socket"
         key = munge_dir / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)  # munged wants a key that only its owner can read
-        self.conf.write_text(self._slurm_conf(munge_socket, sockets / "spool"))
+        self._spool = sockets / "spool"
+        self.conf.write_text(self._slurm_conf(munge_socket, self._spool))
         try:
             # --force: a path munged distrusts (say a group-writable tmp dir) is a warning, not an exit
             self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={munge_socket}",
@@ -120,17 +159,33 @@ class SlurmCluster:
                                    f"--pid-file={munge_dir / 'munged.pid'}", f"--seed-file={munge_dir / 'seed'}"])
             self._wait(lambda: munge_socket.exists(), "munged to open its socket")
             self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
-            # -N: the node is `localhost` whatever the machine's hostname
-            self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
-            self._wait(self._node_idle, "the node to be idle in sinfo")
+            # -N: the node's name in slurm.conf (`localhost` whatever the machine's hostname); each slurmd then
+            # listens on its node's Port= and expands %n in its spool, pid and log file names
+            for node in self.nodes:
+                self._spawn(self._slurmd(node), ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
+            self._wait(self._nodes_idle, "every node to be idle in sinfo")
         except BaseException:
             self.stop()
             raise
 
+    def _slurmd(self, node: str) -> str:
+        """The key of a node's slurmd in `processes` and the stem of its .out file."""
+        return "slurmd" if self.nodes == ["localhost"] else f"slurmd-{node}"
+
     def _slurm_conf(self, munge_socket: Path, spool: Path) -> str:
         root = self.root
-        hardware = " ".join(f"{key}={value}" for key, value in node_hardware().items())
-        ctld_port, slurmd_port = free_ports(2)
+        hardware = node_hardware()
+        if self.cpus_per_node is not None:  # only CPUs: Slurm takes Sockets=CPUs, one core and thread each
+            hardware = {"CPUs": str(self.cpus_per_node), "RealMemory": hardware.get("RealMemory", "1")}
+        declared = " ".join(f"{key}={value}" for key, value in hardware.items())
+        ctld_port, slurmd_port, *node_ports = free_ports(2 + len(self.nodes))
+        if self.nodes == ["localhost"]:
+            node_lines = [f"NodeName=localhost NodeAddr=127.0.0.1 {declared} State=UNKNOWN"]
+            per_node = {"spool": spool, "log": self.logs / "slurmd.log", "pid": root / "slurmd.pid"}
+        else:  # %n: each slurmd its own spool, log and pid file
+            node_lines = [f"NodeName={node} NodeAddr={self.addresses[node]} Port={port} "
+                          f"{declared} State=UNKNOWN" for node, port in zip(self.nodes, node_ports)]
+            per_node = {"spool": spool / "%n", "log": self.logs / "slurmd-%n.log", "pid": root / "slurmd-%n.pid"}
         return "\n".join([
             "ClusterName=aevae-test",
             "SlurmctldHost=localhost(127.0.0.1)",
@@ -140,13 +195,15 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={munge_socket}",
+            # cred_expire: a requeued job is eligible again cred_expire + 1 s after its old run ended (120 s by
+            # default), and a launch credential lives that long
+            f"AuthInfo=socket={munge_socket},cred_expire=5",
             f"StateSaveLocation={root / 'state'}",
-            f"SlurmdSpoolDir={spool}",
+            f"SlurmdSpoolDir={per_node['spool']}",
             f"SlurmctldLogFile={self.logs / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.logs / 'slurmd.log'}",
+            f"SlurmdLogFile={per_node['log']}",
             f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={root / 'slurmd.pid'}",
+            f"SlurmdPidFile={per_node['pid']}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",  # no cgroups here
@@ -154,7 +211,10 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",  # CPUs only: a job without --mem does not take the whole node's memory
             "SlurmdParameters=config_overrides",  # declared hardware wins, so a mismatch never drains the node
-            "ReturnToService=2",
+            # 1, not 2: a node set DOWN by scontrol stays down until State=RESUME (with 2 its slurmd's next message
+            # brings it back at once, and a job requeued off it runs there again); one that stopped answering
+            # comes back when its slurmd registers
+            "ReturnToService=1",
             "MpiDefault=none",
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
@@ -165,9 +225,10 @@ class SlurmCluster:
             "SchedulerParameters=sched_interval=1",  # pending jobs (dependencies) are looked at every second
             "MailProg=/bin/true",
             "InactiveLimit=0",
-            "KillWait=5",
-            f"NodeName=localhost NodeAddr=127.0.0.1 {hardware} State=UNKNOWN",
-            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+            "KillWait=5",  # SIGTERM to SIGKILL, when a job is cancelled, requeued or runs out of time
+            "JobRequeue=1",  # a batch job may be requeued (scontrol requeue, its node down) unless --no-requeue
+            *node_lines,
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
             "",
         ])
 
@@ -176,9 +237,34 @@ class SlurmCluster:
             self.processes[name] = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
                                                     stderr=subprocess.STDOUT, start_new_session=True)
 
-    def _node_idle(self) -> bool:
-        result = self.run("sinfo", "--noheader", "--nodes=localhost", "--format=%T", check=False)
-        return result.returncode == 0 and result.stdout.strip() == "idle"
+    def _nodes_idle(self) -> bool:
+        return all(state == "idle" for state in self.node_states().values()) and bool(self.node_states())
+
+    def node_states(self) -> dict[str, str]:
+        """Each node's state as sinfo says it (idle, mixed, allocated, down, drained, ... with a * when its
+        slurmd does not answer); {} when the controller does not answer."""
+        result = self.run("sinfo", "--noheader", "--Node", "--format=%N %T", check=False)
+        if result.returncode != 0:
+            return {}
+        return dict(line.split() for line in result.stdout.splitlines() if line.strip())
+
+    def set_node(self, name: str, state: str, reason: str = "test") -> None:
+        """`scontrol update NodeName=name State=state Reason=reason`: DOWN (its jobs are killed, requeueable
+        ones requeued), DRAIN, RESUME (back to idle)..."""
+        args = [f"NodeName={name}", f"State={state}"]
+        if state.upper() not in ("RESUME", "IDLE", "UNDRAIN"):
+            args.append(f"Reason={reason}")
+        self.run("scontrol", "update", *args)
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job --oneliner job_id` as a dict (JobState, Reason, Restarts, NodeList, BatchHost...);
+        for an array given as `<array>_<task>`, that task. Values with spaces are cut short."""
+        out = self.run("scontrol", "show", "job", "--oneliner", job_id).stdout
+        return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+    def node_of(self, job_id: str) -> str:
+        """The node(s) a job runs or last ran on (scontrol's NodeList; `(null)` when it never ran)."""
+        return self.job(job_id).get("NodeList", "")
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -193,7 +279,8 @@ class SlurmCluster:
 
     def log_tails(self, lines: int = 30) -> str:
         """The ends of the daemons' logs and captured output, for an error message."""
-        names = [f"{name}.{ext}" for name in DAEMONS for ext in ("log", "out")]
+        stems = ["munged", "slurmctld", *(self._slurmd(node) for node in self.nodes)]
+        names = [f"{stem}.{ext}" for stem in stems for ext in ("log", "out")]
         return "\n".join(f"--- {name}\n{tail(self.logs / name, lines)}" for name in names
                          if (self.logs / name).exists())
 
@@ -209,8 +296,36 @@ class SlurmCluster:
             records.append(dict(item.split("=", 1) for item in line.split() if "=" in item))
         return records
 
+    def _kill_leftover_jobs(self) -> None:
+        """SIGKILLs what this cluster's jobs left running after the daemons ended: a slurmstepd is no child of
+        slurmd and lives on when the daemons end before it is done, and proctrack/linuxproc only finds a job's
+        processes by walking the process tree down from its slurmstepd, so a child that survived SIGTERM after
+        its batch shell died (reparented to init) never gets the SIGKILL (see the module's notes). Recognised by
+        their batch script's path in this cluster's spool or by SLURM_JOB_ID with this cluster's SLURM_CONF in
+        their environment, so another cluster's jobs are never touched."""
+        if self._spool is None:
+            return
+        marker, conf = f"{self._spool}/".encode(), f"SLURM_CONF={self.conf}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+                ours = marker in (entry / "cmdline").read_bytes() or (
+                    conf in environ and any(item.startswith(b"SLURM_JOB_ID=") for item in environ))
+                if not ours:
+                    continue
+                pid = int(entry.name)
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if (Path("/proc") / str(parent) / "comm").read_text().strip() == "slurmstepd":
+                    os.kill(parent, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+
     def stop(self) -> None:
-        """Cancels every job, waits for them to leave the node, then ends slurmd, slurmctld and munged."""
+        """Cancels every job, waits for them to leave the nodes, then ends every slurmd, slurmctld and munged,
+        and kills what the jobs left running."""
         if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
             self.run("scancel", "--full", f"--user={os.getuid()}", check=False)
             deadline = time.monotonic() + 15
@@ -220,7 +335,8 @@ class SlurmCluster:
                 if active.returncode != 0 or not active.stdout.strip():
                     break
                 time.sleep(0.2)
-        for name in reversed(DAEMONS):
+        slurmds = [self._slurmd(node) for node in self.nodes]
+        for name in [*slurmds, "slurmctld", "munged"]:
             proc = self.processes.pop(name, None)
             if proc is None:
                 continue
@@ -231,6 +347,7 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+        self._kill_leftover_jobs()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None

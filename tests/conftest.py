@@ -264,9 +264,10 @@ def train_command(params: Path | str, data: Path | str, models: Path | str, mode
 SLURM_INSTALL = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
 
 
-def slurm_cluster_at(root: Path):
-    """A running one-node Slurm cluster under `root`, stopped when the generator closes. Without Slurm (or
-    root, which its daemons need) the test skips, except under CI (.ci/run installs it), where it fails."""
+def slurm_cluster_at(root: Path, **options):
+    """A running Slurm cluster under `root` (one node; `nodes=N` for more: tests/slurm_cluster.py), stopped
+    when the generator closes. Without Slurm (or root, which its daemons need) the test skips, except under
+    CI (.ci/run installs it), where it fails."""
     from tests.slurm_cluster import SlurmCluster
 
     missing = None if SlurmCluster.is_installed() else f"Slurm is not installed ({SLURM_INSTALL})"
@@ -275,7 +276,7 @@ def slurm_cluster_at(root: Path):
         pytest.fail(f"{missing}; CI must be able to run it")
     if missing:
         pytest.skip(missing)
-    with SlurmCluster(root) as running:
+    with SlurmCluster(root, **options) as running:
         yield running
 
 

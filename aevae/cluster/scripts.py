@@ -46,8 +46,9 @@ def _header(study: Study, part: str, resources: Resources, output: str, stage: s
             # The stage's command in a session of its own (so its whole process group gets the signal), with
             # USR1 ignored by all but the training, which handles it; waits through the traps.
             'in_group() { setsid bash -c \'trap "" USR1; exec "$@"\' aevae-stage "$@" & child=$!; '
-            'while true; do code=0; wait "$child" || code=$?; '
-            'kill -0 "$child" 2>/dev/null || { child=""; return "$code"; }; done; }',
+            'while true; do code=0; wait "$child" || code=$?; kill -0 "$child" 2>/dev/null || break; done; '
+            # dvc may be gone (SIGTERM) while the training still saves its state: wait for the whole group.
+            'while kill -0 -- -"$child" 2>/dev/null; do sleep 0.5; done; child=""; return "$code"; }',
             study.setup,
             f"export MLFLOW_TRACKING_URI={shlex.quote(study.tracking_uri)}",
             # Each job works in a clone of the commit, kept across requeues: a requeued training, on this node

@@ -34,12 +34,12 @@ class Resources:
     notice: int = 120  # seconds ahead of the time limit that a job is told to save and requeue
 
     def check(self) -> None:
-        """The notice must come after the job starts: a notice as long as the time limit would stop, and
-        requeue, every run of a training at its start."""
+        """The notice must come well after a job starts: a training told to stop before it has begun (a
+        minute: clone, dvc pull, imports) would not hear it, and one told as it starts would requeue for ever."""
         limit = time_limit_seconds(self.time) if self.time else None
-        if limit is not None and self.notice >= limit:
-            raise AevaeError(f"--notice {self.notice} s is not shorter than --time {self.time} ({limit} s): a "
-                             "training would be told to stop as it starts; lower --notice or raise --time")
+        if limit is not None and limit - self.notice < 60:
+            raise AevaeError(f"--notice {self.notice} s leaves less than a minute of --time {self.time} ({limit} s) "
+                             "before a training is told to stop; lower --notice or raise --time")
 
     def directives(self) -> list[str]:
         lines = [f"--cpus-per-task={self.cpus}"]

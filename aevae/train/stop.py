@@ -2,7 +2,7 @@
 or SIGUSR1 (the notice a Slurm job asks for ahead of its time limit, `--signal=B:USR1@<seconds>`, which the
 job script passes on). The first one is a request: the training finishes the batch it is in, saves its
 whole state in last.pt, mid-epoch included, and stops (`Stopped`); a run of the same stage resumes from
-there bitwise. A second Ctrl-C or SIGTERM stops at once, as before (the last complete epoch is kept)."""
+there bitwise. A second Ctrl-C stops at once, as before (the last complete epoch is kept)."""
 
 from __future__ import annotations
 
@@ -44,9 +44,8 @@ class StopSignals:
         return self.requested is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = signal.Signals(signum).name
-        # The next SIGINT or SIGTERM interrupts at once (a second Ctrl-C when the batch takes too long);
-        # a second SIGUSR1 changes nothing.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.default_int_handler)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        self.requested = self.requested or signal.Signals(signum).name
+        # A second Ctrl-C interrupts at once (the batch takes too long). A second SIGTERM or SIGUSR1 changes
+        # nothing: Slurm sends SIGTERM to every process of a job and the job script passes its own on too,
+        # and Slurm's SIGKILL follows anyway (KillWait).
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -70,6 +70,14 @@ def test_dry_run_prints_the_scripts_and_refuses_what_jobs_could_not_see(tmp_path
     assert "stages=(train@ae-0 train@ae-1 train@vae-0 train@vae-1)" in scripts
     assert 'dvc repro --pull "$stage"' in scripts and "dvc exp run --pull -n s" in scripts
     assert not (repo / ".dvc/tmp/slurm").exists()  # nothing written, nothing submitted
+    # Every job requeueable, its log appended to; only the training array told ahead of its time limit.
+    assert scripts.count("#SBATCH --requeue") == 3 and scripts.count("#SBATCH --open-mode=append") == 3
+    assert scripts.count("#SBATCH --signal=B:USR1@120") == 1
+    assert scripts.index("#SBATCH --signal=B:USR1@120") > scripts.index("#SBATCH --job-name=aevae-train")
+    for args, error in ((["--time", "02:00", "--notice", "100"], "--notice 100 s leaves less than a minute of "
+                                                                   "--time 02:00 (120 s)"),
+                        (["--time", "2h"], "--time '2h': use minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]]")):
+        one_line_error(aevae(["slurm", "submit", "--dry-run", *args], repo, env), error)
     assert "aevae-tune" not in scripts and "tune@" not in scripts  # tune.trials: 0, no tuning array
     (repo / "params.yaml").write_text(yaml.safe_dump({**yaml.safe_load((repo / "params.yaml").read_text()),
                                                       "tune": {"trials": 2}}, sort_keys=False))

@@ -44,11 +44,15 @@ def _header(study: Study, part: str, resources: Resources, output: str, stage: s
             "trap 'pass_on USR1' USR1",
             "trap 'pass_on TERM' TERM",
             # The stage's command in a session of its own (so its whole process group gets the signal), with
-            # USR1 ignored by all but the training, which handles it; waits through the traps.
+            # USR1 ignored by all but the training, which handles it. Polled, not waited on, so that a stop
+            # signal is passed on again each second until the group is gone: one that came before the
+            # training set its handler is not lost, and a training still saving after dvc died (SIGTERM) is
+            # waited for (its repeats are ignored).
             'in_group() { setsid bash -c \'trap "" USR1; exec "$@"\' aevae-stage "$@" & child=$!; '
-            'while true; do code=0; wait "$child" || code=$?; kill -0 "$child" 2>/dev/null || break; done; '
-            # dvc may be gone (SIGTERM) while the training still saves its state: wait for the whole group.
-            'while kill -0 -- -"$child" 2>/dev/null; do sleep 0.5; done; child=""; return "$code"; }',
+            # (the child itself, until setsid has made its group; then the group)
+            'while kill -0 "$child" 2>/dev/null || kill -0 -- -"$child" 2>/dev/null; do '
+            'if [ -n "$stopping" ]; then kill -"$stopping" -- -"$child" 2>/dev/null || true; fi; '
+            'sleep 1 & wait $! || true; done; code=0; wait "$child" || code=$?; child=""; return "$code"; }',
             study.setup,
             f"export MLFLOW_TRACKING_URI={shlex.quote(study.tracking_uri)}",
             # Each job works in a clone of the commit, kept across requeues: a requeued training, on this node

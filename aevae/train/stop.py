@@ -37,7 +37,10 @@ class StopSignals:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # Once stopping, more SIGTERM/SIGUSR1 (a Slurm job script repeats them until the stage is gone)
+            # must not cut the run's last words (its MLflow status) short.
+            stopping = self.requested is not None and sig != signal.SIGINT
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)
         self._previous = {}
 
     def __call__(self) -> bool:

@@ -39,8 +39,9 @@ def _header(study: Study, part: str, resources: Resources, output: str, stage: s
             "trap mark EXIT",
             # Passed on to the stage's process group: the training saves its state after the batch it is in
             # and stops (aevae.train.stop); everything else in that group ignores USR1.
-            'pass_on() { stopping=$1; echo "aevae: SIG$1 at $(date +%T) on $(hostname): the training saves its '
-            'state and stops"; if [ -n "${child:-}" ]; then kill -"$1" -- -"$child" 2>/dev/null || true; fi; }',
+            'pass_on() { stopping=$1; echo "aevae: SIG$1 at $(date +%T) on $(hostname): passed on to the stage (a '
+            'training saves its state and stops)"; if [ -n "${child:-}" ]; then kill -"$1" -- -"$child" 2>/dev/null '
+            '|| true; fi; }',
             "trap 'pass_on USR1' USR1",
             "trap 'pass_on TERM' TERM",
             # The stage's command in a session of its own (so its whole process group gets the signal), with

@@ -180,8 +180,8 @@ def _epochs(state: TrainingState, params: Params, data: tuple[Tensor, Tensor], f
 
 
 def _stopped(stop: StopSignals, name: str, where: str, out: ModelDir) -> str:
-    message = f"{name} stopped by {stop.requested} {where}; its state is saved in {out.last}: run the stage " \
-              "again to resume from there"
+    message = (f"{name} stopped by {stop.requested} {where}; its state is saved in {out.last}: run the stage "
+               "again to resume from there")
     log.warning(message)
     return message
 

@@ -6,13 +6,10 @@ there bitwise. A second Ctrl-C stops at once, as before (the last complete epoch
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from types import FrameType
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 

@@ -125,8 +125,11 @@ def study_states(study: Study) -> list[JobState]:
 
 def finished(rows: list[JobState]) -> bool | None:
     """True when the final job succeeded, False when any job failed or was cancelled, None while running."""
-    if any(r.state.startswith(("failed", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "unknown"))
-           for r in rows):
+    # A requeued job is PENDING again at once (preempted with PreemptMode=REQUEUE, node failure, scontrol
+    # requeue): these states are final.
+    ended = ("failed", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+             "DEADLINE", "unknown")
+    if any(r.state.startswith(ended) for r in rows):
         return False
     return True if rows[-1].state == "ok" else None
 

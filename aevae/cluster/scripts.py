@@ -37,23 +37,7 @@ def _header(study: Study, part: str, resources: Resources, output: str, stage: s
             'mark() { code=$?; if [ "$code" = 0 ]; then echo 0 > "$status/$stage.ok"; '
             'elif [ -z "$stopping" ]; then echo "$code" > "$status/$stage.failed"; fi; }',
             "trap mark EXIT",
-            # Passed on to the stage's process group: the training saves its state after the batch it is in
-            # and stops (aevae.train.stop); everything else in that group ignores USR1.
-            'pass_on() { stopping=$1; echo "aevae: SIG$1 at $(date +%T) on $(hostname): passed on to the stage (a '
-            'training saves its state and stops)"; if [ -n "${child:-}" ]; then kill -"$1" -- -"$child" 2>/dev/null '
-            '|| true; fi; }',
-            "trap 'pass_on USR1' USR1",
-            "trap 'pass_on TERM' TERM",
-            # The stage's command in a session of its own (so its whole process group gets the signal), with
-            # USR1 ignored by all but the training, which handles it. Polled, not waited on, so that a stop
-            # signal is passed on again each second until the group is gone: one that came before the
-            # training set its handler is not lost, and a training still saving after dvc died (SIGTERM) is
-            # waited for (its repeats are ignored).
-            'in_group() { setsid bash -c \'trap "" USR1; exec "$@"\' aevae-stage "$@" & child=$!; '
-            # (the child itself, until setsid has made its group; then the group)
-            'while kill -0 "$child" 2>/dev/null || kill -0 -- -"$child" 2>/dev/null; do '
-            'if [ -n "$stopping" ]; then kill -"$stopping" -- -"$child" 2>/dev/null || true; fi; '
-            'sleep 1 & wait $! || true; done; code=0; wait "$child" || code=$?; child=""; return "$code"; }',
+            *_signal_handling(),
             study.setup,
             f"export MLFLOW_TRACKING_URI={shlex.quote(study.tracking_uri)}",
             # Each job works in a clone of the commit, kept across requeues: a requeued training, on this node
@@ -66,6 +50,29 @@ def _header(study: Study, part: str, resources: Resources, output: str, stage: s
             # Stopped by USR1: back in the queue, to go on from the saved state; stopped by Slurm: Slurm decides.
             'stopped() { if [ "$stopping" = USR1 ]; then echo "aevae: requeueing job $SLURM_JOB_ID"; '
             'scontrol requeue "$SLURM_JOB_ID"; fi; exit "$1"; }']
+
+
+def _signal_handling() -> list[str]:
+    """How the job script meets a stop signal: it passes it on to the stage and, for USR1, requeues the job."""
+    return [
+        # Passed on to the stage's process group: the training saves its state after the batch it is in
+        # and stops (aevae.train.stop); everything else in that group ignores USR1.
+        'pass_on() { stopping=$1; echo "aevae: SIG$1 at $(date +%T) on $(hostname): passed on to the stage (a '
+        'training saves its state and stops)"; if [ -n "${child:-}" ]; then kill -"$1" -- -"$child" 2>/dev/null '
+        '|| true; fi; }',
+        "trap 'pass_on USR1' USR1",
+        "trap 'pass_on TERM' TERM",
+        # The stage's command in a session of its own (so its whole process group gets the signal), with
+        # USR1 ignored by all but the training, which handles it. Polled, not waited on, so that a stop
+        # signal is passed on again each second until the group is gone: one that came before the
+        # training set its handler is not lost, and a training still saving after dvc died (SIGTERM) is
+        # waited for (its repeats are ignored).
+        'in_group() { setsid bash -c \'trap "" USR1; exec "$@"\' aevae-stage "$@" & child=$!; '
+        # (the child itself, until setsid has made its group; then the group)
+        'while kill -0 "$child" 2>/dev/null || kill -0 -- -"$child" 2>/dev/null; do '
+        'if [ -n "$stopping" ]; then kill -"$stopping" -- -"$child" 2>/dev/null || true; fi; '
+        'sleep 1 & wait $! || true; done; code=0; wait "$child" || code=$?; child=""; return "$code"; }',
+    ]
 
 
 def stage_script(study: Study, resources: Resources, part: str = TRAIN) -> str:

@@ -72,6 +72,14 @@ def submit(partition, cpus, mem, time_limit, gpus, notice, name, git_url, dvc_re
             click.echo(f"# ---- {part}.sbatch ----\n{text}")
         return
     jobs.submit(study, resources)
+    _echo_submitted(study, workdir)
+    if wait_:
+        _wait_and_report(study)
+
+
+def _echo_submitted(study, workdir: Path) -> None:
+    from aevae.cluster import jobs
+
     tunings = (f"{len(study.tunings)} tunings as array job {study.jobs['tune']} after prepare {study.jobs['prepare']}, "
                if study.tunings else "")
     click.echo(f"study {study.name}: commit {study.commit[:8]}, {tunings}{len(study.trainings)} trainings as array "
@@ -80,8 +88,6 @@ def submit(partition, cpus, mem, time_limit, gpus, notice, name, git_url, dvc_re
                f"  folder: {study.path}\n  MLflow: {study.tracking_uri} ({jobs.environment_note()})\n"
                f"  watch:  aevae slurm status {study.name} --workdir {workdir}\n"
                f"  result: dvc exp pull origin {study.name} && dvc exp apply {study.name}")
-    if wait_:
-        _wait_and_report(study)
 
 
 def _wait_and_report(study, timeout: float | None = None) -> None:

@@ -3,7 +3,7 @@ lab's cluster, all in one submission: a node taken down under a training, a trai
 `scontrol requeue`, and one whose time limit comes. Each training resumes from its saved state in its clone
 on the shared work directory, on whichever node, in its MLflow run; the study's metrics equal a local
 `dvc repro` of the same commit exactly (one torch thread per training on both sides), and `aevae slurm
-status` shows the requeues. The module takes about 2.5 minutes on 2 cores (the local reference runs beside
+status` shows the requeues. The module takes 2.5 to 3 minutes on 2 cores (the local reference runs beside
 the cluster's jobs)."""
 
 from __future__ import annotations

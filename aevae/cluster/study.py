@@ -34,8 +34,8 @@ class Resources:
     notice: int = 120  # seconds ahead of the time limit that a job is told to save and requeue
 
     def check(self) -> None:
-        """The notice must come well after a job starts: a training told to stop before it has begun (a
-        minute: clone, dvc pull, imports) would not hear it, and one told as it starts would requeue for ever."""
+        """The notice must come well after a job starts: a training told to stop before it has had time to
+        start (clone, dvc pull, imports) and train would be requeued again and again without progress."""
         limit = time_limit_seconds(self.time) if self.time else None
         if limit is not None and limit - self.notice < 60:
             raise AevaeError(f"--notice {self.notice} s leaves less than a minute of --time {self.time} ({limit} s) "

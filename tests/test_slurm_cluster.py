@@ -6,14 +6,13 @@ Slurm."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SLURM_INSTALL
+from tests.conftest import slurm_cluster_at
 from tests.slurm_cluster import SlurmCluster
 
 
@@ -34,16 +33,9 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def two_nodes(tmp_path: Path) -> Iterator[SlurmCluster]:
-    """A running cluster of node1 and node2, one CPU each, under tmp_path/slurm; skipped (failed under CI) as
-    conftest's slurm_cluster is when Slurm or root is missing."""
-    missing = None if SlurmCluster.is_installed() else f"Slurm is not installed ({SLURM_INSTALL})"
-    missing = missing or (None if os.geteuid() == 0 else "the test cluster runs its daemons and jobs as root")
-    if missing and os.environ.get("CI"):
-        pytest.fail(f"{missing}; CI must be able to run it")
-    if missing:
-        pytest.skip(missing)
-    with SlurmCluster(tmp_path / "slurm", nodes=2) as cluster:
-        yield cluster
+    """A running cluster of node1 and node2, one CPU each, under tmp_path/slurm (skipped, or failed under CI,
+    as conftest's slurm_cluster is when Slurm or root is missing)."""
+    yield from slurm_cluster_at(tmp_path / "slurm", nodes=2)
 
 
 def test_array_dependencies_and_job_records(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:

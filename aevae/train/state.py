@@ -59,6 +59,8 @@ def start_or_resume(config: str, seed: int, params: Params, last: Path, fingerpr
         scheduler.load_state_dict(saved["scheduler"])
         state.generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:  # the VAE's noise is drawn there
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
         state.history, state.best_val, state.epoch, state.run_id = (
             saved["history"], saved["best_val"], saved["epoch"], saved["run_id"])
         state.best_weights, state.best_epoch = saved.get("best_state_dict"), saved.get("best_epoch", 0)
@@ -141,7 +143,16 @@ def save_resume_state(state: TrainingState, out: ModelDir, fingerprint: dict, ep
                complete=state.epoch == epochs and not mid_epoch, optimizer=state.optimizer.state_dict(),
                scheduler=state.scheduler.state_dict(),
                generator=state.epoch_generator if mid_epoch else state.generator.get_state(),
-               torch_rng=torch.get_rng_state(), partial=asdict(state.partial) if mid_epoch else None)
+               torch_rng=torch.get_rng_state(), cuda_rng=_cuda_rng(state.model),
+               partial=asdict(state.partial) if mid_epoch else None)
+
+
+def _cuda_rng(model: Model) -> Tensor | None:
+    """The CUDA generator's state when `model` trains on a GPU: the VAE draws its noise (randn_like) there,
+    from a generator torch.get_rng_state does not cover; without it a resumed training would repeat the
+    noise of epoch 1 and not end bitwise equal."""
+    device = next(model.parameters()).device
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def restore_best(state: TrainingState, params: Params, out: ModelDir) -> None:

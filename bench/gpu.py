@@ -40,6 +40,7 @@ from common import REPO, replace_section
 from gpu_report import markdown
 
 PHASES = ["env", "prepare", "steps", "resume", "short", "train", "evaluate", "mlflow", "write"]
+AFTER_TRAIN_S = 180  # what the train phase leaves of --deadline: evaluate, mlflow and write, with a margin
 CONFIGS = ["ae", "ae_code", "vae"]  # the homework's AE, the AE at the VAE's code size (AE-128), the VAE
 # Missing LPIPS or Inception weights are an error here, not an "n/a" in the table.
 FULL = {"epochs": 200, "lr": 0.002, "batch_size": 64, "data": {"builtin_size": 20000}, "train": {"seeds": [0]},
@@ -263,7 +264,7 @@ def phase_train(bench: Bench) -> dict:
     short = bench.results.get("short")
     if short and not bench.smoke:  # seconds per epoch, one model after another: an upper bound when together
         per_epoch = sum(short["auto"]["models"][c]["seconds"] for c in CONFIGS) / short["epochs"]
-        fits = int((bench.left() - 120) / per_epoch)
+        fits = int((bench.left() - AFTER_TRAIN_S) / per_epoch)
         if fits < epochs:
             print(f"gpu bench: {epochs} epochs would take about {per_epoch * epochs:.0f} s one after another and "
                   f"{bench.left():.0f} s are left: training {max(fits, 1)} epochs", flush=True)

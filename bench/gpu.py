@@ -160,7 +160,7 @@ def phase_env(bench: Bench) -> dict:
             "capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
             "bf16_supported": torch.cuda.is_bf16_supported() if cuda else None,
             "auto_precision": pick_precision("auto", device), "cpu": cpu_isa(), "cpu_cores": os.cpu_count(),
-            "tf32_convolutions": torch.backends.cudnn.allow_tf32 if cuda else None,
+            "cudnn_conv_fp32": torch.backends.cudnn.conv.fp32_precision,  # "tf32": torch's default
             "date": time.strftime("%Y-%m-%d")}
 
 

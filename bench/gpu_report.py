@@ -55,7 +55,8 @@ def _header(r: dict) -> list[str]:
     return ["## GPU (CUDA)", "",
             f"Measured by `python bench/gpu.py` on {env['date']}: {where}; torch {env['torch']}, Python "
             f"{env['python']}, host CPU {env['cpu']} ({env['cpu_cores']} cores). `train.precision: auto` picked "
-            f"{env['auto_precision']}; cuDNN TF32 convolutions: {env['tf32_convolutions']}.", ""]
+            f"{env['auto_precision']}; cuDNN's fp32 convolutions: {env['cudnn_conv_fp32']} (torch's default; the "
+            "metrics run in ieee).", ""]
 
 
 def _training(r: dict) -> list[str]:

@@ -44,12 +44,13 @@ def _build(config: str, params: Params, device: torch.device, fused: bool):
 @contextmanager
 def _cudnn(deterministic: bool, tf32: bool) -> Iterator[None]:
     """cuDNN's switches for one measurement, put back after it."""
-    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = deterministic, tf32
+    cudnn = torch.backends.cudnn
+    before = cudnn.deterministic, cudnn.conv.fp32_precision
+    cudnn.deterministic, cudnn.conv.fp32_precision = deterministic, "tf32" if tf32 else "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32 = before
+        cudnn.deterministic, cudnn.conv.fp32_precision = before
 
 
 def step_rate(config: str, params: Params, images: torch.Tensor, device: torch.device, precision: str, *,

@@ -65,3 +65,13 @@ def test_mlflow_can_log_gpu_metrics_where_there_is_a_gpu():
         GPUMonitor()
     except RuntimeError as err:  # the package is there; this machine has no NVIDIA driver
         assert "NVML" in str(err) and not torch.cuda.is_available()
+
+
+def test_auto_precision_on_a_gpu_is_bf16_only_where_it_is_native(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes on GPUs before Ampere (V100, T4), which only emulate bf16;
+    auto asks for native support. No GPU here: torch's own answer is stood in for, per argument."""
+    cuda = torch.device("cuda")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, native=native:
+                            native or including_emulation)
+        assert hardware.pick_precision("auto", cuda) == expected

@@ -53,6 +53,29 @@ def test_score_images_marks_lpips_missing_as_nan(image_pairs):
     assert scores["lpips"].isna().all() and scores["psnr"].notna().all()
 
 
+class PrecisionSeen(torch.nn.Module):
+    """An LPIPS stand-in that notes which fp32 precision cuDNN and matmuls are set to when it scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def forward(self, pred, target, normalize=False):
+        self.seen.add((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        return (pred - target).abs().mean(dim=(1, 2, 3))
+
+
+def test_metrics_are_computed_in_ieee_fp32_not_tf32(image_pairs):
+    """On an Ampere or later GPU torch lets cuDNN run fp32 convolutions in TF32 by default, and SSIM's
+    variance loses its digits there: every metric runs with both switched to IEEE fp32, put back after."""
+    pred, target = image_pairs
+    before = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    seen = PrecisionSeen()
+    score_images(pred, target, batch_size=4, lpips_model=seen, device=torch.device("cpu"))
+    assert seen.seen == {("ieee", "ieee")}
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+
+
 def per_image_frame(values: dict[tuple[str, int], np.ndarray], units: list[str]) -> pd.DataFrame:
     """per_image.csv's shape: one row per (model, seed, test image), the same value in every metric column
     but psnr, which holds `values`."""

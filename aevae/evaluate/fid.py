@@ -50,7 +50,7 @@ def fid_kid(real: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, float]:
         metric.update(torch.from_numpy(real).double(), real=True)
         metric.update(torch.from_numpy(fake).double(), real=False)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's, which KID's subsets draw from (the fork restores it)
         kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
 

@@ -47,5 +47,6 @@ def pick_precision(name: str, device: torch.device, cpuinfo: Path = CPUINFO) -> 
     if name != "auto":
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # not emulated: before Ampere (V100, T4) torch's default answer is yes, and bf16 there is slow
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if cpu_flags(cpuinfo) & set(BF16_CPU_FLAGS) else "fp32"

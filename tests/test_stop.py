@@ -12,7 +12,7 @@ from aevae.files.model_dir import ModelDir
 from aevae.machine.device import pick_device
 from aevae.train.loop import EpochInterrupted
 from aevae.train.stage import load_training_data, training_params
-from aevae.train.state import save_resume_state, start_or_resume, train_one_epoch
+from aevae.train.state import note_hardware, save_resume_state, start_or_resume, train_one_epoch
 
 EPOCHS = 3
 PARAMS = {"epochs": EPOCHS, "batch_size": 8, "data": {"image_size": 32, "builtin_size": 80},
@@ -98,3 +98,26 @@ def test_a_last_pt_that_is_not_resumed_says_why(tmp_path, write_params, caplog):
     assert "holds a finished training of these params" in caplog.text
 
 
+
+
+def test_a_training_resumed_on_other_hardware_goes_on_and_says_so(tmp_path, write_params, caplog):
+    """train.device/precision auto resolve per machine, and a requeued job may land on another kind of node:
+    last.pt records what the training ran on, and a resume elsewhere keeps its epochs but warns."""
+    params = load_params(write_params(PARAMS))
+    fingerprint = {"params": training_params("vae", 0, params), "data_sha256": "x"}
+    last, cpu = tmp_path / "last.pt", pick_device("cpu")
+    gpu = {"device": "NVIDIA H200", "precision": "bf16"}
+    state = start_or_resume("vae", 0, params, last, fingerprint, cpu)
+    note_hardware(state, gpu, "vae-seed0")
+    state.history, state.epoch = [{"val_loss": 1.0}], 1
+    save_resume_state(state, ModelDir(tmp_path), fingerprint, EPOCHS)
+    assert torch.load(last, weights_only=True)["hardware"] == gpu
+    caplog.set_level("INFO")
+    resumed = start_or_resume("vae", 0, params, last, fingerprint, cpu)
+    note_hardware(resumed, gpu, "vae-seed0")
+    assert resumed.epoch == 1 and "resuming a training that ran on" not in caplog.text
+    here = {"device": "AVX2", "precision": "fp32"}
+    note_hardware(resumed, here, "vae-seed0")
+    assert ("vae-seed0: resuming a training that ran on NVIDIA H200 (bf16) here on AVX2 (fp32): from epoch 2 on"
+            in caplog.text)
+    assert resumed.hardware == here and resumed.epoch == 1

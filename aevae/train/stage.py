@@ -31,6 +31,7 @@ from aevae.train.dedupe import trained_dir, training_key, training_once
 from aevae.train.loop import EpochInterrupted
 from aevae.train.state import (
     TrainingState,
+    note_hardware,
     read_history,
     restore_best,
     save_best_and_history,
@@ -128,6 +129,7 @@ def _train_here(params: Params, data: tuple[Tensor, Tensor], fingerprint: dict[s
     restore_best(state, params, out)
     name = f"{out.config}-seed{out.seed}"
     isa = cpu_isa() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    note_hardware(state, {"device": isa, "precision": precision}, name)
     log.info("%s: %d train / %d val images of %dpx on %s (%s, %s), %d epochs", name, len(train_x), len(val_x),
              params.data.image_size, device, isa, precision, params.epochs)
     tags = {**where.tags, "model_config": out.config, "model_kind": state.model.kind,

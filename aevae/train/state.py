@@ -40,6 +40,7 @@ class TrainingState:
     run_id: str | None = None  # the MLflow run it logs into
     partial: EpochProgress | None = None  # how far into epoch `epoch + 1` a stopped pass got
     epoch_generator: Tensor | None = None  # the generator's state before that epoch drew its order
+    hardware: dict[str, str] | None = None  # what it trains on: {"device": ..., "precision": ...}
 
 
 def start_or_resume(config: str, seed: int, params: Params, last: Path, fingerprint: dict,
@@ -65,6 +66,7 @@ def start_or_resume(config: str, seed: int, params: Params, last: Path, fingerpr
             saved["history"], saved["best_val"], saved["epoch"], saved["run_id"])
         state.best_weights, state.best_epoch = saved.get("best_state_dict"), saved.get("best_epoch", 0)
         state.partial = EpochProgress(**saved["partial"]) if saved.get("partial") else None
+        state.hardware = saved.get("hardware")
         where = (f"in epoch {state.epoch + 1} after batch {state.partial.batches}" if state.partial
                  else f"after epoch {state.epoch}")
         log.info("%s: resuming %s from %s (MLflow run %s)", config, where, last, state.run_id)
@@ -94,6 +96,19 @@ def _load_resumable(path: Path, kind: str, fingerprint: dict, config: str) -> di
                  "finished stage is restored by DVC, not run)", config, path)
         return None
     return state
+
+
+def note_hardware(state: TrainingState, here: dict[str, str], name: str) -> None:
+    """Record what the training runs on; a resumed one that ran elsewhere says so. train.device and
+    train.precision "auto" resolve per machine, and a Slurm requeue may land on another kind of node: the
+    training goes on (hours are not thrown away), but from here on it is not the uninterrupted run of
+    either machine, and the log says it."""
+    if state.hardware and state.hardware != here:
+        log.warning("%s: resuming a training that ran on %s (%s) here on %s (%s): from epoch %d on it differs "
+                    "from an uninterrupted run on either; set train.device and train.precision to keep one",
+                    name, state.hardware.get("device"), state.hardware.get("precision"), here["device"],
+                    here["precision"], state.epoch + 1)
+    state.hardware = here
 
 
 def train_one_epoch(state: TrainingState, train_x: Tensor, val_x: Tensor, params: Params, device: torch.device,
@@ -143,7 +158,7 @@ def save_resume_state(state: TrainingState, out: ModelDir, fingerprint: dict, ep
                complete=state.epoch == epochs and not mid_epoch, optimizer=state.optimizer.state_dict(),
                scheduler=state.scheduler.state_dict(),
                generator=state.epoch_generator if mid_epoch else state.generator.get_state(),
-               torch_rng=torch.get_rng_state(), cuda_rng=_cuda_rng(state.model),
+               torch_rng=torch.get_rng_state(), cuda_rng=_cuda_rng(state.model), hardware=state.hardware,
                partial=asdict(state.partial) if mid_epoch else None)
 
 

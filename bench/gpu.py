@@ -3,7 +3,7 @@
 a step's time goes; evaluation on CUDA with the real LPIPS and Inception weights; the MLflow model of a
 CUDA training loaded on the CPU.
 
-    python bench/gpu.py --out bench/out/gpu                      # on a CUDA machine (fits --deadline, 570 s)
+    python bench/gpu.py --out bench/out/gpu                      # on a CUDA machine (training shortens to fit --deadline)
     python bench/gpu.py --smoke --out bench/out/gpu-smoke        # anywhere: tiny data, 1 epoch, the same code path
     python bench/gpu.py --out bench/out/gpu --results            # also write its section of bench/results.md
 

@@ -3,9 +3,9 @@
 a step's time goes; evaluation on CUDA with the real LPIPS and Inception weights; the MLflow model of a
 CUDA training loaded on the CPU.
 
-    python bench/gpu.py --out bench/out/gpu                      # on a CUDA machine (training shortens to fit --deadline)
-    python bench/gpu.py --smoke --out bench/out/gpu-smoke        # anywhere: tiny data, 1 epoch, the same code path
-    python bench/gpu.py --out bench/out/gpu --results            # also write its section of bench/results.md
+    python bench/gpu.py --out bench/out/gpu                 # on a CUDA machine (training shortens to fit --deadline)
+    python bench/gpu.py --smoke --out bench/out/gpu-smoke   # anywhere: tiny data, 1 epoch, the same code path
+    python bench/gpu.py --out bench/out/gpu --results       # also write its section of bench/results.md
 
 Phases (--phases, in this order; each adds to <out>/gpu.json, so a later call can go on where one ended):
   env       torch, CUDA, the device, bf16 support, the precision train.precision: auto picks

@@ -67,6 +67,10 @@ def test_dry_run_prints_the_scripts_and_refuses_what_jobs_could_not_see(tmp_path
     assert result.returncode == 0, result.stderr
     scripts = result.stdout
     assert scripts.count("#!/bin/bash") == 3 and "--gres=gpu:1" in scripts and "--time=02:00:00" in scripts
+    # the trainings and the final job (FID on CUDA) get the GPU; prepare, which only decodes images, does not
+    prepare, train, final = scripts.split("#!/bin/bash")[1:]
+    assert "--gres" not in prepare and "--gres=gpu:1" in train and "--gres=gpu:1" in final
+    assert "aevae-prepare" in prepare and "aevae-train" in train and "aevae-final" in final
     assert "stages=(train@ae-0 train@ae-1 train@vae-0 train@vae-1)" in scripts
     assert 'dvc repro --pull "$stage"' in scripts and "dvc exp run --pull -n s" in scripts
     assert not (repo / ".dvc/tmp/slurm").exists()  # nothing written, nothing submitted

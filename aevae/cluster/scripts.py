@@ -25,7 +25,8 @@ def _header(study: Study, part: str, resources: Resources, output: str, stage: s
             # on to the training and requeues the job. Prepare and the final job are not told: rerun from their
             # start, they could not get further in the same time.
             *([f"#SBATCH --signal=B:USR1@{resources.notice}"] if part in (TRAIN, TUNE) else []),
-            *resources.directives(),
+            # Prepare decodes images on the CPU: a GPU it held would wait idle while others queue for it.
+            *resources.directives(gpus=part != PREPARE),
             f"# aevae study {study.name}: commit {study.commit}",
             "set -euo pipefail",
             stage,

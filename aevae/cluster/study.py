@@ -41,12 +41,13 @@ class Resources:
             raise AevaeError(f"--notice {self.notice} s leaves less than a minute of --time {self.time} ({limit} s) "
                              "before a training is told to stop; lower --notice or raise --time")
 
-    def directives(self) -> list[str]:
+    def directives(self, gpus: bool = True) -> list[str]:
+        """The #SBATCH lines; `gpus`: this job may use the GPUs asked for (prepare only decodes images)."""
         lines = [f"--cpus-per-task={self.cpus}"]
         lines += [f"--partition={self.partition}"] if self.partition else []
         lines += [f"--mem={self.mem}"] if self.mem else []
         lines += [f"--time={self.time}"] if self.time else []
-        lines += [f"--gres=gpu:{self.gpus}"] if self.gpus else []
+        lines += [f"--gres=gpu:{self.gpus}"] if self.gpus and gpus else []
         return [f"#SBATCH {line}" for line in lines]
 
 

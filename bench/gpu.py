@@ -29,10 +29,12 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -40,7 +42,7 @@ from common import REPO, replace_section
 from gpu_report import markdown
 
 PHASES = ["env", "prepare", "steps", "resume", "short", "train", "evaluate", "mlflow", "write"]
-AFTER_TRAIN_S = 180  # what the train phase leaves of --deadline: evaluate, mlflow and write, with a margin
+AFTER_TRAIN_S = 180  # what the train phase leaves of --deadline when evaluate, mlflow and write follow it
 CONFIGS = ["ae", "ae_code", "vae"]  # the homework's AE, the AE at the VAE's code size (AE-128), the VAE
 # Missing LPIPS or Inception weights are an error here, not an "n/a" in the table.
 FULL = {"epochs": 200, "lr": 0.002, "batch_size": 64, "data": {"builtin_size": 20000}, "train": {"seeds": [0]},
@@ -55,6 +57,8 @@ class Bench:
     def __init__(self, out: Path, smoke: bool, short_epochs: int, deadline: float, compile_too: bool) -> None:
         self.out, self.smoke, self.short_epochs, self.compile_too = out, smoke, short_epochs, compile_too
         self.deadline = deadline
+        self.epochs: int | None = None  # --epochs: the train phase's, instead of the setting's
+        self.evaluates_after_training = True  # whether this command's phases go on after train
         self.file = out / "gpu.json"
         self.results: dict = json.loads(self.file.read_text()) if self.file.exists() else {}
         self.data = out / "data"
@@ -97,14 +101,44 @@ class Bench:
         return self.deadline - time.monotonic()
 
 
-def wait(proc: subprocess.Popen, what: str) -> dict:
-    """Wait for a stage's process; its wall time from its start and its peak host memory (max RSS), or
-    SystemExit if it failed."""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = status
-    if status != 0:
-        raise SystemExit(f"gpu bench: {what} failed (wait status {status}); its log is above")
-    return {"seconds": round(time.monotonic() - proc.started, 1), "host_peak_mib": round(usage.ru_maxrss / 1024)}
+def wait(procs: dict[str, subprocess.Popen], stop_at: float | None = None,
+         epochs: Callable[[str], int] = lambda name: 0) -> dict[str, dict]:
+    """Wait for stages' processes: each one's wall time from its start, its peak host memory (max RSS) and,
+    for a training, when each of its `epochs` (done so far) ended. At `stop_at` each training still running
+    that has ended an epoch (its stop handler is in place) gets SIGUSR1, the signal Slurm sends ahead of a
+    time limit: it saves its state after the batch it is in and exits 130 (aevae.train.stop), and a later run
+    of the stage resumes it. Any other failure is a SystemExit."""
+    rows: dict[str, dict] = {}
+    signalled: set[str] = set()
+    ended: dict[str, dict[int, float]] = {name: {} for name in procs}
+    while len(rows) < len(procs):
+        for name in procs:
+            ended[name].setdefault(epochs(name), time.monotonic())
+        for name, proc in procs.items():
+            if name in rows:
+                continue
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                code = os.waitstatus_to_exitcode(status)
+                if code != 0 and not (code == 130 and name in signalled):
+                    raise SystemExit(f"gpu bench: {name} failed (exit {code}); its log is above")
+                rows[name] = {"seconds": round(time.monotonic() - proc.started, 1),
+                              "host_peak_mib": round(usage.ru_maxrss / 1024), "stopped": name in signalled,
+                              "steady_epoch_s": _steady_epoch(ended[name])}
+            elif stop_at is not None and time.monotonic() >= stop_at and name not in signalled and len(ended[name]) > 1:
+                print(f"gpu bench: the deadline is near: SIGUSR1 to {name}", flush=True)
+                proc.send_signal(signal.SIGUSR1)
+                signalled.add(name)
+        time.sleep(0.05)
+    return rows
+
+
+def _steady_epoch(ended: dict[int, float]) -> float | None:
+    """Seconds per epoch after the first one this run saw end (the first holds start-up and warm-up)."""
+    counts = sorted(ended)[1:]  # [0]: what was done when the process started
+    if len(counts) < 2:
+        return None
+    return round((ended[counts[-1]] - ended[counts[0]]) / (counts[-1] - counts[0]), 3)
 
 
 class GpuSampler(threading.Thread):
@@ -166,7 +200,7 @@ def phase_env(bench: Bench) -> dict:
 
 def phase_prepare(bench: Bench) -> dict:
     proc = bench.stage("prepare.py", "--params", str(bench.params_file("full")), "--out", str(bench.data))
-    timing = wait(proc, "stages/prepare.py")
+    timing = wait({"stages/prepare.py": proc})["stages/prepare.py"]
     manifest = json.loads((bench.data / "manifest.json").read_text())
     return {**timing, "counts": manifest.get("counts")}
 
@@ -216,9 +250,17 @@ def phase_resume(bench: Bench) -> dict:
             for precision in dict.fromkeys(["fp32", pick_precision("auto", device)])}
 
 
-def _trainings(bench: Bench, name: str, configs: list[str], params: Path, together: bool) -> dict:
-    """stages/train.py for each of `configs` (all at once when `together`), as dvc.yaml runs it."""
+def _epochs_done(history: Path) -> int:
+    return len(history.read_text().splitlines()) - 1 if history.exists() else 0
+
+
+def _trainings(bench: Bench, name: str, configs: list[str], params: Path, together: bool,
+               stop_at: float | None = None) -> dict:
+    """stages/train.py for each of `configs` (all at once when `together`), as dvc.yaml runs it; stopped at
+    `stop_at` and resumed by the next run of the phase (a call of its own), as a Slurm job would be."""
     models = bench.out / f"models-{name}"
+    history = {config: models / config / "seed0" / "history.csv" for config in configs}
+    before = {config: _epochs_done(history[config]) for config in configs}
     rows, procs = {}, {}
     with GpuSampler() as sampler:
         start = time.monotonic()
@@ -226,18 +268,21 @@ def _trainings(bench: Bench, name: str, configs: list[str], params: Path, togeth
             procs[config] = bench.stage("train.py", "--model", config, "--seed", "0", "--params", str(params),
                                         "--data", str(bench.data), "--models", str(models))
             if not together:
-                rows[config] = wait(procs[config], f"stages/train.py --model {config}")
-        for config, proc in procs.items():
-            rows[config] = rows.get(config) or wait(proc, f"stages/train.py --model {config}")
+                rows.update(wait({config: procs[config]}, stop_at, lambda c: _epochs_done(history[c])))
+        if together:
+            rows.update(wait(procs, stop_at, lambda c: _epochs_done(history[c])))
         total = round(time.monotonic() - start, 1)
     settings = yaml.safe_load(params.read_text())
     n_train = json.loads((bench.data / "manifest.json").read_text())["counts"]["train"]
     for config, proc in procs.items():
-        history = (models / config / "seed0" / "history.csv").read_text().splitlines()
-        rows[config].update({"epochs": len(history) - 1, "images_per_s": round((len(history) - 1) * n_train /
-                                                                               rows[config]["seconds"], 1),
+        lines = history[config].read_text().splitlines()
+        done = len(lines) - 1
+        rows[config].update({"epochs": done, "epochs_this_run": done - before[config],
+                             "images_per_s": round((done - before[config]) * n_train / rows[config]["seconds"], 1),
+                             "steady_images_per_s": round(n_train / steady, 1) if (steady := rows[config][
+                                 "steady_epoch_s"]) else None,
                              "gpu_peak_mib": round(sampler.process_mib.get(proc.pid, 0)) or None,
-                             "final_val_loss": float(history[-1].split(",")[header_index(history[0], "val_loss")])})
+                             "final_val_loss": float(lines[-1].split(",")[header_index(lines[0], "val_loss")])})
     return {"together": together, "total_seconds": total, "precision": settings["train"].get("precision", "auto"),
             "models_dir": models.name, **sampler.utilisation(), "models": rows}
 
@@ -252,35 +297,30 @@ def phase_short(bench: Bench) -> dict:
                                   bench.params_file(f"short-{precision}", epochs=epochs,
                                                     train={"seeds": [0], "precision": precision}), together=False)
             for precision in ("fp32", "auto")}
-    ratios = {c: round(runs["auto"]["models"][c]["images_per_s"] / runs["fp32"]["models"][c]["images_per_s"], 3)
-              for c in CONFIGS}
+    rate = "images_per_s" if bench.smoke else "steady_images_per_s"  # a smoke run's one epoch has no steady pace
+    ratios = {c: round(runs["auto"]["models"][c][rate] / runs["fp32"]["models"][c][rate], 3) for c in CONFIGS}
     return {"epochs": epochs, **runs, "auto_over_fp32": ratios}
 
 
 def phase_train(bench: Bench) -> dict:
-    """All three at the full setting, at once; fewer epochs, said so, when the short runs' pace says the
-    full count would not end before --deadline (a device machine's command has a time limit)."""
-    epochs = SMOKE["epochs"] if bench.smoke else FULL["epochs"]
-    short = bench.results.get("short")
-    if short and not bench.smoke:  # seconds per epoch, one model after another: an upper bound when together
-        per_epoch = sum(short["auto"]["models"][c]["seconds"] for c in CONFIGS) / short["epochs"]
-        fits = int((bench.left() - AFTER_TRAIN_S) / per_epoch)
-        if fits < epochs:
-            print(f"gpu bench: {epochs} epochs would take about {per_epoch * epochs:.0f} s one after another and "
-                  f"{bench.left():.0f} s are left: training {max(fits, 1)} epochs", flush=True)
-            epochs = max(fits, 1)
-    result = _trainings(bench, "full", CONFIGS, bench.params_file("full", epochs=epochs), together=True)
-    return {"epochs_asked": SMOKE["epochs"] if bench.smoke else FULL["epochs"], **result}
+    """All three at the full setting, at once. Trainings still running when --deadline nears (less the
+    time the phases after it in this command need) are stopped with SIGUSR1 and keep their state: the
+    next run of this phase resumes them where they stopped, as a requeued Slurm job would."""
+    epochs = bench.epochs or (SMOKE if bench.smoke else FULL)["epochs"]
+    reserve = AFTER_TRAIN_S if bench.evaluates_after_training else 15
+    result = _trainings(bench, "full", CONFIGS, bench.params_file("full", epochs=epochs), together=True,
+                        stop_at=bench.deadline - reserve)
+    return {"epochs_asked": epochs, **result}
 
 
 def phase_evaluate(bench: Bench) -> dict:
     trained = bench.needs("train")
     models, epochs = bench.out / trained["models_dir"], trained["models"][CONFIGS[0]]["epochs"]
     params = str(bench.params_file("full", epochs=epochs))
-    features = wait(bench.stage("features.py", "--params", params, "--data", str(bench.data), "--out",
-                                str(bench.out / "metrics" / "inception" / "test")), "stages/features.py")
-    scored = wait(bench.stage("evaluate.py", "--params", params, "--data", str(bench.data), "--models", str(models),
-                              "--out", str(bench.out / "metrics")), "stages/evaluate.py")
+    features = wait({"features": bench.stage("features.py", "--params", params, "--data", str(bench.data), "--out",
+                                             str(bench.out / "metrics" / "inception" / "test"))})["features"]
+    scored = wait({"evaluate": bench.stage("evaluate.py", "--params", params, "--data", str(bench.data), "--models",
+                                           str(models), "--out", str(bench.out / "metrics"))})["evaluate"]
     result = json.loads((bench.out / "metrics" / "eval.json").read_text())
     return {"features": features, "evaluate": scored, "eval": result}
 
@@ -309,9 +349,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "gpu", help="the bench's folder")
     parser.add_argument("--smoke", action="store_true", help="tiny data, 1 epoch, the same code path (any machine)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated, of {','.join(PHASES)}")
-    parser.add_argument("--short-epochs", type=int, default=3, help="epochs of each short fp32/bf16 run")
+    parser.add_argument("--short-epochs", type=int, default=5, help="epochs of each short fp32/bf16 run")
+    parser.add_argument("--epochs", type=int, help="the train phase's epochs (default: 200, --smoke: 1)")
     parser.add_argument("--deadline", type=float, default=570.0,
-                        help="seconds this command may run (the train phase shortens itself to end in time)")
+                        help="seconds this command may run: trainings still running near it are stopped (SIGUSR1) "
+                             "with their state saved, and the next --phases train resumes them")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (it compiles)")
     parser.add_argument("--results", action="store_true", help="write the GPU (CUDA) section of bench/results.md")
     args = parser.parse_args()
@@ -323,6 +365,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     bench = Bench(args.out.resolve(), args.smoke, args.short_epochs, time.monotonic() + args.deadline,
                   not args.no_compile and not args.smoke)
+    bench.epochs, bench.evaluates_after_training = args.epochs, "evaluate" in phases
     for phase in (p for p in PHASES if p in phases):
         if phase == "write":
             bench.save(phase, phase_write(bench, args.results))

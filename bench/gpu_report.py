@@ -65,20 +65,23 @@ def _training(r: dict) -> list[str]:
              f"({counts['train']} train / {counts['val']} val / {counts['test']} test), one seed", "",
              f"`stages/train.py` for the three models **at once** on the one device: {t['total_seconds']} s in all; "
              f"GPU utilisation mean {_cell(t['gpu_util_mean_pct'], 1)} %, max {_cell(t['gpu_util_max_pct'])} %.", "",
-             "| model | epochs | wall s | images/s | peak GPU MiB | final val loss |", "|---|---|---|---|---|---|"]
+             "| model | epochs (this run) | wall s | images/s, start-up included | images/s after epoch 1 | "
+             "peak GPU MiB | final val loss |", "|---|---|---|---|---|---|---|"]
     for config, m in t["models"].items():
-        lines.append(f"| {config} | {m['epochs']} | {m['seconds']} | {m['images_per_s']} | {_cell(m['gpu_peak_mib'])} "
-                     f"| {m['final_val_loss']:.2f} |")
+        stopped = ", stopped at the deadline: state saved" if m["stopped"] else ""
+        lines.append(f"| {config} | {m['epochs']} ({m['epochs_this_run']}{stopped}) | {m['seconds']} | "
+                     f"{m['images_per_s']} | {_cell(m['steady_images_per_s'], 1)} | {_cell(m['gpu_peak_mib'])} | "
+                     f"{m['final_val_loss']:.2f} |")
     return lines + [""]
 
 
 def _precisions(r: dict) -> list[str]:
     s = r["short"]
     lines = [f"### bf16 against fp32: `stages/train.py`, {s['epochs']} epochs each, one model at a time", "",
-             "| model | fp32 images/s | auto images/s | auto / fp32 |", "|---|---|---|---|"]
+             "| model | fp32 images/s after epoch 1 | auto images/s after epoch 1 | auto / fp32 |", "|---|---|---|---|"]
     for config, ratio in s["auto_over_fp32"].items():
-        lines.append(f"| {config} | {s['fp32']['models'][config]['images_per_s']} | "
-                     f"{s['auto']['models'][config]['images_per_s']} | {ratio}x |")
+        lines.append(f"| {config} | {_cell(s['fp32']['models'][config]['steady_images_per_s'], 1)} | "
+                     f"{_cell(s['auto']['models'][config]['steady_images_per_s'], 1)} | {ratio}x |")
     return lines + [""]
 
 

@@ -46,3 +46,30 @@ def test_the_gpu_benchmark_runs_its_whole_path_on_a_cpu(tmp_path):
                               str(out)], cwd=REPO, capture_output=True, text=True)
     assert refused.returncode != 0 and "not a smoke or CPU run" in refused.stderr
     assert (REPO / "bench" / "results.md").read_text() == results_md
+
+
+@pytest.mark.slow
+def test_trainings_at_the_deadline_stop_with_their_state_and_the_next_call_resumes_them(tmp_path):
+    """The device machine's commands have a time limit: near --deadline the train phase stops the
+    trainings with SIGUSR1 (Slurm's notice), each saves its state, and --phases train run again resumes
+    each where it stopped, in the same MLflow run. ~40 s."""
+    out = tmp_path / "gpu"
+    runs, logs = [], []
+    for phases in ("env,prepare,train", "train"):
+        run = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--phases", phases, "--epochs", "60",
+                              "--deadline", "30", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert run.stderr.count("Interrupted: ") == 3 and "stopped by SIGUSR1" in run.stderr, run.stderr[-3000:]
+        runs.append(json.loads((out / "gpu.json").read_text())["train"]["models"])
+        logs.append(run.stderr)
+    assert logs[1].count(": resuming ") == 3  # from last.pt (mid-epoch or after one), in the MLflow run it began
+    for config in ("ae", "ae_code", "vae"):
+        first, second = runs[0][config], runs[1][config]
+        assert first["stopped"] and second["stopped"]
+        assert 1 <= first["epochs"] < 60 and first["epochs_this_run"] == first["epochs"]
+        assert second["epochs_this_run"] >= 1 and second["epochs"] == first["epochs"] + second["epochs_this_run"]
+        history = (out / "models-full" / config / "seed0" / "history.csv").read_text().splitlines()[1:]
+        assert [int(float(row.split(",")[0])) for row in history] == list(range(1, second["epochs"] + 1))
+        run_id = json.loads((out / "models-full" / config / "seed0" / "run.json").read_text())["run_id"]
+        assert f"(MLflow run {run_id})" in logs[1]

@@ -284,7 +284,7 @@ def _trainings(bench: Bench, name: str, configs: list[str], params: Path, togeth
                              "gpu_peak_mib": round(sampler.process_mib.get(proc.pid, 0)) or None,
                              "final_val_loss": float(lines[-1].split(",")[header_index(lines[0], "val_loss")])})
     return {"together": together, "total_seconds": total, "precision": settings["train"].get("precision", "auto"),
-            "models_dir": models.name, **sampler.utilisation(), "models": rows}
+            "models_dir": models.name, **sampler.utilisation(), "models": {c: rows[c] for c in configs}}
 
 
 def header_index(header: str, column: str) -> int:
@@ -330,7 +330,11 @@ def phase_mlflow(bench: Bench) -> dict:
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{bench.out / 'mlflow.db'}"
     os.chdir(bench.out)
-    return mlflow_checks(bench.out / bench.needs("train")["models_dir"], bench.data, CONFIGS)
+    trained = bench.needs("train")
+    # A training stopped at the deadline has no MLflow model until it ends (the next --phases train).
+    finished = [c for c in CONFIGS if not trained["models"][c]["stopped"]]
+    checks = mlflow_checks(bench.out / trained["models_dir"], bench.data, finished)
+    return {**checks, **{c: {"not_finished": trained["models"][c]["epochs"]} for c in CONFIGS if c not in finished}}
 
 
 def phase_write(bench: Bench, results_md: bool) -> dict:

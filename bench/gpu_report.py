@@ -122,7 +122,8 @@ def _resume(r: dict) -> list[str]:
 
 def _evaluation(r: dict) -> list[str]:
     e = r["evaluate"]
-    lines = [f"### Test metrics, evaluated on the device ({e['eval']['test_images']} test images; features "
+    epochs = ", ".join(f"{c} after {m['epochs']} epochs" for c, m in r["train"]["models"].items())
+    lines = [f"### Test metrics, evaluated on the device ({e['eval']['test_images']} test images; {epochs}; features "
              f"{e['features']['seconds']} s, evaluate {e['evaluate']['seconds']} s)", "",
              "| model | PSNR | SSIM | LPIPS | FID | KID | prior-sample FID | homework (its own data) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -140,6 +141,9 @@ def _mlflow(r: dict) -> list[str]:
              "system/gpu metrics |",
              "|---|---|---|---|---|"]
     for config, m in r["mlflow"].items():
+        if "not_finished" in m:
+            lines.append(f"| {config} | training stopped after epoch {m['not_finished']}: no MLflow model yet | | | |")
+            continue
         lines.append(f"| {config} | {m['mlflow_vs_checkpoint_bitwise']} | {m['mlflow_vs_checkpoint_max_abs_diff']:.3g} "
                      f"| {m['device_vs_cpu_max_abs_diff']:.3g} | {len(m['gpu_system_metrics'])} |")
     return lines + [""]

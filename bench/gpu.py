@@ -322,7 +322,8 @@ def phase_evaluate(bench: Bench) -> dict:
     scored = wait({"evaluate": bench.stage("evaluate.py", "--params", params, "--data", str(bench.data), "--models",
                                            str(models), "--out", str(bench.out / "metrics"))})["evaluate"]
     result = json.loads((bench.out / "metrics" / "eval.json").read_text())
-    return {"features": features, "evaluate": scored, "eval": result}
+    return {"features": features, "evaluate": scored, "eval": result,
+            "epochs": {c: m["epochs"] for c, m in trained["models"].items()}}  # what was evaluated
 
 
 def phase_mlflow(bench: Bench) -> dict:

@@ -122,7 +122,7 @@ def _resume(r: dict) -> list[str]:
 
 def _evaluation(r: dict) -> list[str]:
     e = r["evaluate"]
-    epochs = ", ".join(f"{c} after {m['epochs']} epochs" for c, m in r["train"]["models"].items())
+    epochs = ", ".join(f"{c} after {n} epochs" for c, n in e["epochs"].items())
     lines = [f"### Test metrics, evaluated on the device ({e['eval']['test_images']} test images; {epochs}; features "
              f"{e['features']['seconds']} s, evaluate {e['evaluate']['seconds']} s)", "",
              "| model | PSNR | SSIM | LPIPS | FID | KID | prior-sample FID | homework (its own data) |",

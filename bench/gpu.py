@@ -47,7 +47,9 @@ CONFIGS = ["ae", "ae_code", "vae"]  # the homework's AE, the AE at the VAE's cod
 # Missing LPIPS or Inception weights are an error here, not an "n/a" in the table.
 FULL = {"epochs": 200, "lr": 0.002, "batch_size": 64, "data": {"builtin_size": 20000}, "train": {"seeds": [0]},
         "tune": {"trials": 0}, "eval": {"fid": "auto", "require_lpips": True, "require_fid": True}}
-SMOKE = {**FULL, "epochs": 1, "data": {"builtin_size": 200},
+# The smoke run: the same code path at a quarter of the pixels and 10 test images (Inception's cost is per image),
+# so that tests/test_gpu_bench.py runs it in about a minute on 2 cores.
+SMOKE = {**FULL, "epochs": 1, "data": {"builtin_size": 200, "image_size": 32, "test_fraction": 0.05},
          "eval": {"fid": True, "require_lpips": True, "require_fid": True, "bootstrap_samples": 200}}
 
 

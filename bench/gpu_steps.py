@@ -163,6 +163,8 @@ def resume_check(config: str, params: Params, data: tuple[torch.Tensor, torch.Te
     train_x, val_x = data
     fingerprint = {"params": {"bench": config}, "data_sha256": "bench"}
 
+    stops: list[int] = []  # batches done when a stop fired (the stopped run's, once)
+
     def run(name: str, stop_at: int | None) -> dict:
         out = ModelDir.of(folder / name, config, 0)
         out.path.mkdir(parents=True, exist_ok=True)
@@ -171,7 +173,8 @@ def resume_check(config: str, params: Params, data: tuple[torch.Tensor, torch.Te
             stop = _after_batch(stop_at) if stop_at and state.epoch + 1 == epochs else None
             try:
                 train_one_epoch(state, train_x, val_x, params, device, precision, stop)
-            except EpochInterrupted:
+            except EpochInterrupted as interrupted:
+                stops.append(interrupted.progress.batches)
                 save_resume_state(state, out, fingerprint, epochs)
                 state, stop_at = start_or_resume(config, 0, params, out.last, fingerprint, device), None
                 continue
@@ -180,6 +183,7 @@ def resume_check(config: str, params: Params, data: tuple[torch.Tensor, torch.Te
 
     first, second, resumed = run("uninterrupted", None), run("uninterrupted-again", None), run("stopped", stop_batch)
     return {"config": config, "precision": precision, "epochs": epochs, "stopped_after_batch": stop_batch,
+            "stops": stops,
             "uninterrupted_twice": weights_diff(first, second),
             "resumed_vs_uninterrupted": weights_diff(first, resumed)}
 

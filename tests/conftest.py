@@ -1,4 +1,5 @@
-"""Fixtures that make tiny real data: images on disk, params files, MLflow stores, an empty torch cache."""
+"""Fixtures that make tiny real data: images on disk, params files, MLflow stores, an empty torch cache, a
+committed study built once per session. How the suite runs as a whole (workers, order, skips): tests/suite.py."""
 
 from __future__ import annotations
 
@@ -16,10 +17,36 @@ import torch
 import yaml
 from PIL import Image
 
+from tests.studies import built_once
+from tests.suite import (  # noqa: F401 - hooks: pytest finds them in this module's namespace
+    pytest_collection_modifyitems,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+    pytest_xdist_auto_num_workers,
+)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each pytest-xdist worker stands for one core (tests/suite.py): one torch thread in it and in every process
+    # it starts (OMP_NUM_THREADS is inherited), or N workers run N x N threads that spin while waiting for each
+    # other (three tiny studies at once: 12% more CPU and 14% more time with torch's default, measured).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = tuple(yaml.safe_load((REPO / "params.yaml").read_text())["models"])  # the study's configurations, in order
 TINY = {"epochs": 1, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 80},
         "models": {"ae_code": {"latent_dim": 16}, "vae": {"latent_dim": 16}}, "eval": {"bootstrap_samples": 200}}
+
+
+def this_machine() -> dict[str, str]:
+    """What a training with train.device and train.precision auto records it ran on here, worked out without
+    aevae: the first flags line of /proc/cpuinfo (as grep finds it), torch's vector capability, and bf16
+    where the CPU has native bf16 units (AMX or AVX512-BF16; docs/performance.md)."""
+    listed = subprocess.run(["grep", "-m1", "^flags", "/proc/cpuinfo"], capture_output=True, text=True).stdout
+    flags = set(listed.partition(":")[2].split())
+    units = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    return {"device": " + ".join([torch.backends.cpu.get_cpu_capability(), *units]),
+            "precision": "bf16" if units else "fp32"}
 
 
 def project_env(folder: Path, **extra: str) -> dict[str, str]:
@@ -95,6 +122,34 @@ def copy_project(dst: Path, overrides: dict = TINY) -> Path:
     return dst
 
 
+def commit_study(repo: Path, env: dict[str, str], overrides: dict = TINY, configs: tuple[str, ...] | None = None,
+                 repro: bool = True, copied: bool = False) -> Path:
+    """A project at `repo` as a user starts a study: the working tree (already `copied` there, or copied now)
+    with `overrides` in params.yaml and only the model configurations `configs`, when given, committed to
+    git; then `dvc repro` and its dvc.lock committed (docs/pipeline.md)."""
+    if not copied:
+        copy_project(repo, overrides)
+    if configs is not None:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["models"] = {name: params["models"][name] for name in configs}
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "the study"]):
+        run(cmd, repo, env)
+    if repro:
+        for cmd in (["dvc", "repro"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+            run(cmd, repo, env)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory) -> Path:
+    """The default study on tiny data (TINY: three configurations, one seed), committed after one `dvc
+    repro`, built once per session (tests/studies.py). Read it; to run any command in it or change it, take
+    a copy (`studies.copy_of`)."""
+    return built_once(tmp_path_factory, "tiny-study",
+                      lambda folder: commit_study(folder / "repo", project_env(folder))) / "repo"
+
+
 def exp_metrics(repo: Path, env: dict[str, str]) -> dict[str, dict]:
     """`dvc exp show --json` as {experiment name: eval.json content}."""
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
@@ -106,6 +161,15 @@ def exp_metrics(repo: Path, env: dict[str, str]) -> dict[str, dict]:
                 if exp.get("name") and "data" in metrics:
                     found[exp["name"]] = metrics["data"]
     return found
+
+
+@pytest.fixture(autouse=True)
+def project_root_of_the_test(tmp_path, monkeypatch) -> None:
+    """Code run in the test's own process takes tmp_path as the project it runs in (aevae.files.project:
+    DVC_ROOT, as DVC sets it for a stage): its scratch folders (trainings deduplicated across workers,
+    the MLflow outbox) and default store go there, not into this checkout, where tests running at the same
+    time on other workers would meet them. A test may set DVC_ROOT itself; project_env drops it for commands."""
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
 
 
 @pytest.fixture
@@ -266,15 +330,14 @@ SLURM_INSTALL = "apt-get install -y --no-install-recommends slurmctld slurmd slu
 
 def slurm_cluster_at(root: Path, **options):
     """A running Slurm cluster under `root` (one node; `nodes=N` for more: tests/slurm_cluster.py), stopped
-    when the generator closes. Without Slurm (or root, which its daemons need) the test skips, except under
-    CI (.ci/run installs it), where it fails."""
+    when the generator closes, run as this user. Without Slurm installed the test skips, and says so at the
+    end of the run (tests/suite.py), except under CI (.ci/run installs it), where it fails."""
     from tests.slurm_cluster import SlurmCluster
 
-    missing = None if SlurmCluster.is_installed() else f"Slurm is not installed ({SLURM_INSTALL})"
-    missing = missing or (None if os.geteuid() == 0 else "the test cluster runs its daemons and jobs as root")
-    if missing and os.environ.get("CI"):
-        pytest.fail(f"{missing}; CI must be able to run it")
-    if missing:
+    if not SlurmCluster.is_installed():
+        missing = f"Slurm is not installed ({SLURM_INSTALL}; .ci/setup --tests does it as root)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing}; CI must be able to run it")
         pytest.skip(missing)
     with SlurmCluster(root, **options) as running:
         yield running

@@ -8,8 +8,9 @@ the machine's hardware. With `nodes=N` there are N slurmd daemons on this machin
 `cpus_per_node` CPUs (1 by default) with its own NodeAddr 127.0.1.k (all of 127/8 is loopback) and its own
 `Port=`; `slurmd -N nodeK` picks its node's line, so Debian's build (no --enable-multiple-slurmd) runs them
 fine, and %n in SlurmdSpoolDir, SlurmdPidFile and SlurmdLogFile gives each its own (log/slurmd-nodeK.log).
-It runs as root (the daemons and the jobs). Install: `apt-get install -y --no-install-recommends slurmctld
-slurmd slurm-client munge` (Debian 12: Slurm 22.05).
+It runs as the user who starts it (the daemons and the jobs, SlurmUser and SlurmdUser: root is not needed,
+since every job is that same user's). Install: `apt-get install -y --no-install-recommends slurmctld slurmd
+slurm-client munge` (Debian 12: Slurm 22.05).
 
 Job records outlive the jobs twice over: the controller keeps finished jobs for MinJobAge (an hour here), so
 `scontrol show job` and `squeue --states=all` see them; and jobcomp/filetxt appends one line per finished job
@@ -43,6 +44,7 @@ Requeue, signals and time limits, as measured on this cluster (Slurm 22.05.8, Ki
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -102,6 +104,7 @@ class SlurmCluster:
         self.addresses: dict[str, str] = ({"localhost": "127.0.0.1"} if nodes == 1 else
                                           {name: f"127.0.1.{k}" for k, name in enumerate(self.nodes, 1)})
         self.cpus_per_node = cpus_per_node if cpus_per_node is not None or nodes == 1 else 1
+        self.user = getpass.getuser()
         self.conf = self.root / "slurm.conf"
         self.jobcomp = self.root / "jobcomp.log"
         self.logs = self.root / "log"
@@ -191,8 +194,8 @@ class SlurmCluster:
             "SlurmctldHost=localhost(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
+            f"SlurmUser={self.user}",  # the daemons and the jobs run as whoever starts the cluster: root not needed
+            f"SlurmdUser={self.user}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             # cred_expire: a requeued job is eligible again cred_expire + 1 s after its old run ended (120 s by

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -9,24 +10,43 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 
 from aevae import AevaeError
 from aevae.config.load import load_params
 from aevae.data.prepare import prepare
 from aevae.files.model_dir import ModelDir
 from aevae.train.stage import train
-from tests.conftest import one_line_error, project_env, train_command, wait_for_epoch
+from tests.conftest import REPO, merged, one_line_error, project_env, train_command, wait_for_epoch
+from tests.studies import built_once
 
 pytestmark = pytest.mark.slow
 FAULT_PARAMS = {"epochs": 6, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 200},
                 "models": {"vae": {"latent_dim": 16}}, "train": {"threads": 1}}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """Built once per session (tests/studies.py), read-only: FAULT_PARAMS' prepared data (prepared/) and the VAE
+    trained on it by the stage with no fault (reference/vae/seed0), what every faulted training must end equal
+    to; and its params (params.yaml)."""
+
+    def build(folder: Path) -> None:
+        params = folder / "params.yaml"
+        params.write_text(yaml.safe_dump(merged(yaml.safe_load((REPO / "params.yaml").read_text()), FAULT_PARAMS)))
+        prepare(load_params(params).data, seed=0, out=folder / "prepared")
+        env = project_env(folder, MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}")
+        trained = subprocess.run(train_command(params, folder / "prepared", folder / "reference", model="vae"),
+                                 env=env, capture_output=True, text=True)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "fault-reference", build)
+
+
 @pytest.fixture
-def fault_setup(tmp_path, write_params, store):
+def fault_setup(tmp_path, write_params, store, uninterrupted):
     params_file = write_params(FAULT_PARAMS)
-    data = tmp_path / "prepared"
-    prepare(load_params(params_file).data, seed=0, out=data)
+    data = uninterrupted / "prepared"  # the trainings only read it
     env = project_env(tmp_path, MLFLOW_TRACKING_URI=store)
 
     def start(models: Path, params: Path = params_file, **popen) -> subprocess.Popen:
@@ -51,9 +71,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.Completed
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def test_sigkill_then_restart_resumes_to_bitwise_identical_weights(fault_setup, tmp_path, store):
-    reference = finish(fault_setup(tmp_path / "reference"))
-    assert reference.returncode == 0, reference.stderr
+def test_sigkill_then_restart_resumes_to_bitwise_identical_weights(fault_setup, tmp_path, store, uninterrupted):
     killed = out(tmp_path / "killed")
 
     proc = fault_setup(tmp_path / "killed")
@@ -67,11 +85,12 @@ def test_sigkill_then_restart_resumes_to_bitwise_identical_weights(fault_setup, 
     resumed = finish(fault_setup(tmp_path / "killed"))
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {interrupted['epoch']}" in resumed.stderr
-    a = torch.load(out(tmp_path / "reference") / "last.pt", weights_only=True)
+    a = torch.load(out(uninterrupted / "reference") / "last.pt", weights_only=True)
     b = torch.load(killed / "last.pt", weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["history"] == b["history"]
-    best_a, best_b = (torch.load(out(tmp_path / d) / "best.pt", weights_only=True) for d in ("reference", "killed"))
+    folders = (uninterrupted / "reference", tmp_path / "killed")
+    best_a, best_b = (torch.load(out(d) / "best.pt", weights_only=True) for d in folders)
     assert best_a["epoch"] == best_b["epoch"] and best_a["val_loss"] == best_b["val_loss"]
     assert all(torch.equal(best_a["state_dict"][k], best_b["state_dict"][k]) for k in best_a["state_dict"])
 
@@ -100,12 +119,11 @@ def test_interrupt_keeps_the_checkpoint_and_marks_the_run_killed(fault_setup, tm
     assert mlflow.MlflowClient(store).get_run(run_id).info.status == "KILLED"
 
 
-def test_sigusr1_saves_the_state_and_the_stage_resumes_it_bitwise_in_the_same_run(fault_setup, tmp_path, store):
+def test_sigusr1_saves_the_state_and_the_stage_resumes_it_bitwise_in_the_same_run(fault_setup, tmp_path, store,
+                                                                                   uninterrupted):
     """The training stage as Slurm's time-limit notice reaches it: SIGUSR1 once its first epoch is saved. It
     stops after the batch it was in (exit 130, the message says where it saved), and the same command
-    resumes there and ends bitwise equal to an uninterrupted training, in the same MLflow run. ~40 s."""
-    reference = finish(fault_setup(tmp_path / "reference"))
-    assert reference.returncode == 0, reference.stderr
+    resumes there and ends bitwise equal to an uninterrupted training, in the same MLflow run. ~20 s."""
     stopped = out(tmp_path / "stopped")
     proc = fault_setup(tmp_path / "stopped")
     wait_for_epoch(stopped / "last.pt", 1, proc)
@@ -124,9 +142,10 @@ def test_sigusr1_saves_the_state_and_the_stage_resumes_it_bitwise_in_the_same_ru
     where = (f"in epoch {saved['epoch'] + 1} after batch {saved['partial']['batches']}" if saved["partial"]
              else f"after epoch {saved['epoch']}")
     assert f"vae: resuming {where}" in resumed.stderr, resumed.stderr
-    a, b = (torch.load(out(tmp_path / d) / "last.pt", weights_only=True) for d in ("reference", "stopped"))
+    folders = (uninterrupted / "reference", tmp_path / "stopped")
+    a, b = (torch.load(out(d) / "last.pt", weights_only=True) for d in folders)
     assert _equal(a["state_dict"], b["state_dict"]) and a["history"] == b["history"]
-    best_a, best_b = (torch.load(out(tmp_path / d) / "best.pt", weights_only=True) for d in ("reference", "stopped"))
+    best_a, best_b = (torch.load(out(d) / "best.pt", weights_only=True) for d in folders)
     assert _equal(best_a["state_dict"], best_b["state_dict"])
 
     client = mlflow.MlflowClient(store)
@@ -170,11 +189,11 @@ def test_divergence_after_good_epochs_names_the_epoch_the_batch_and_the_last_goo
     assert kept["epoch"] == good and all(torch.isfinite(v).all() for v in kept["state_dict"].values())
 
 
-def test_a_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(fault_setup, tmp_path, write_params):
+def test_a_full_disk_is_a_clear_error_and_the_previous_checkpoint_survives(fault_setup, tmp_path, write_params,
+                                                                           uninterrupted):
     import resource
 
-    first = finish(fault_setup(tmp_path / "out"))
-    assert first.returncode == 0, first.stderr
+    shutil.copytree(uninterrupted / "reference", tmp_path / "out")  # a finished training's folder
     before = torch.load(out(tmp_path / "out") / "best.pt", weights_only=True)
 
     def small_disk():  # files may not grow past 1 MiB: writes fail as on a full disk (EFBIG)

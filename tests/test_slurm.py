@@ -31,6 +31,9 @@ CONFIGS = ("vae",)
 TUNED = merged(TINY, {"train": {"seeds": [0], "threads": 1}, "tune": {"trials": 2, "seeds": [0]}})
 
 
+WAIT = ["--wait", "--poll", "1"]  # `aevae slurm ... --wait` looks at the jobs every second, not every 5 s
+
+
 def study_project(root: Path, env: dict[str, str], configs: tuple[str, ...] = CONFIGS, study: dict = STUDY) -> Path:
     """A committed tiny study with a DVC remote (a folder: on a cluster, a shared path or a URL)."""
     repo = copy_project(root / "repo", study)
@@ -133,20 +136,22 @@ def submitted(tmp_path_factory) -> Submitted:
     repo = study_project(root, env)
     local = root / "local"
     run(["git", "clone", "-q", str(repo), str(local)], root, env)
-    start = time.monotonic()
-    run(["dvc", "repro"], local, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'local.db'}"})
-    local_seconds = time.monotonic() - start
+    # The local reference runs beside the cluster's jobs, which wait on Slurm much of the time.
+    reference = subprocess.Popen(["dvc", "repro"], cwd=local, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'local.db'}"})
     workdir, start = root / "studies", time.monotonic()
-    result = aevae(["slurm", "submit", "--name", "first", "--workdir", str(workdir), "--wait"], repo, env)
+    result = aevae(["slurm", "submit", "--name", "first", "--workdir", str(workdir), *WAIT], repo, env)
     assert result.returncode == 0, result.stdout + result.stderr
-    print(f"tiny study: local dvc repro {local_seconds:.0f} s, on the one-node Slurm cluster "
-          f"{time.monotonic() - start:.0f} s")
+    output, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, output[-3000:]
+    print(f"tiny study on the one-node Slurm cluster, a local dvc repro beside it: {time.monotonic() - start:.0f} s")
     yield Submitted(cluster, repo, env, workdir, json.loads((local / "metrics/eval.json").read_text()),
                     json.loads((workdir / "first/study.json").read_text()))
     cluster_run.close()
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm-study")
 def test_each_training_of_a_study_is_an_array_task_of_its_own(submitted):
     study, workdir = submitted.first, submitted.workdir
     records = submitted.cluster.job_records()  # the controller's job records
@@ -162,6 +167,7 @@ def test_each_training_of_a_study_is_an_array_task_of_its_own(submitted):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm-study")
 def test_a_study_on_slurm_equals_a_local_repro_and_logs_each_training_once(submitted):
     found = exp_metrics(submitted.repo, submitted.env)
     for config in CONFIGS:
@@ -171,9 +177,10 @@ def test_a_study_on_slurm_equals_a_local_repro_and_logs_each_training_once(submi
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm-study")
 def test_a_second_submission_of_the_same_commit_trains_nothing(submitted):
     repo, env, workdir = submitted.repo, submitted.env, submitted.workdir
-    result = aevae(["slurm", "submit", "--name", "second", "--workdir", str(workdir), "--wait"], repo, env)
+    result = aevae(["slurm", "submit", "--name", "second", "--workdir", str(workdir), *WAIT], repo, env)
     assert result.returncode == 0, result.stdout + result.stderr
     second = json.loads((workdir / "second/study.json").read_text())
     for index in range(2):
@@ -185,12 +192,13 @@ def test_a_second_submission_of_the_same_commit_trains_nothing(submitted):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm-study")
 def test_a_failed_job_is_named_with_its_log_and_what_waited_never_runs(submitted):
     repo, env, workdir = submitted.repo, submitted.env, submitted.workdir
     result = aevae(["slurm", "submit", "--name", "broken", "--workdir", str(workdir), "--setup", "exit 3"], repo,
                    env)
     assert result.returncode == 0, result.stderr
-    result = aevae(["slurm", "status", "broken", "--workdir", str(workdir), "--wait", "--timeout", "120"], repo, env)
+    result = aevae(["slurm", "status", "broken", "--workdir", str(workdir), *WAIT, "--timeout", "120"], repo, env)
     broken = json.loads((workdir / "broken/study.json").read_text())
     assert result.returncode == 1
     assert (f"Error: study broken: prepare failed (exit 3); its log: {workdir}/broken/logs/"
@@ -226,6 +234,7 @@ def never_ran(cluster: SlurmCluster, jobs: list[str], timeout: float = 90) -> li
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm-study")
 def test_a_failed_training_is_named_with_its_log_and_the_final_job_never_runs(submitted):
     """Task 1 of the array dies (its setup exits 4, as a job that loses its node or environment would); task
     0 is restored from the run-cache and succeeds. The study reports the failed training, and Slurm cancels
@@ -234,7 +243,7 @@ def test_a_failed_training_is_named_with_its_log_and_the_final_job_never_runs(su
     setup = f'if [ "${{SLURM_ARRAY_TASK_ID:-}}" = 1 ]; then exit 4; fi; {default_setup()}'
     result = aevae(["slurm", "submit", "--name", "one-failed", "--workdir", str(workdir), "--setup", setup], repo, env)
     assert result.returncode == 0, result.stderr
-    result = aevae(["slurm", "status", "one-failed", "--workdir", str(workdir), "--wait", "--timeout", "180"], repo,
+    result = aevae(["slurm", "status", "one-failed", "--workdir", str(workdir), *WAIT, "--timeout", "180"], repo,
                    env)
     study = json.loads((workdir / "one-failed/study.json").read_text())
     one_line_error(result, f"Error: study one-failed: train@vae-1 failed (exit 4); its log: {workdir}/one-failed/logs/"
@@ -258,6 +267,7 @@ def test_a_study_saved_before_tuning_arrays_loads_with_none(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm-study")
 def test_with_tune_trials_each_configuration_is_tuned_once_in_an_array_before_the_trainings(submitted, tmp_path):
     """tune.trials: 2. The tuning array's task runs tune@vae once, after prepare; the training array waits for
     it and restores its choice from the run-cache, as the final experiment does; that choice is a local
@@ -266,9 +276,13 @@ def test_with_tune_trials_each_configuration_is_tuned_once_in_an_array_before_th
                       SLURM_CONF=submitted.env["SLURM_CONF"])
     repo, workdir, local = study_project(tmp_path, env, CONFIGS, TUNED), tmp_path / "studies", tmp_path / "local"
     run(["git", "clone", "-q", str(repo), str(local)], tmp_path, env)
-    run(["dvc", "repro", "tune@vae"], local, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'local.db'}"})
-    result = aevae(["slurm", "submit", "--name", "tuned", "--workdir", str(workdir), "--wait"], repo, env)
+    reference = subprocess.Popen(["dvc", "repro", "tune@vae"], cwd=local, stdout=subprocess.PIPE, text=True,
+                                 stderr=subprocess.STDOUT,
+                                 env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'local.db'}"})
+    result = aevae(["slurm", "submit", "--name", "tuned", "--workdir", str(workdir), *WAIT], repo, env)
     assert result.returncode == 0, result.stdout + result.stderr
+    output, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, output[-3000:]
     study = json.loads((workdir / "tuned/study.json").read_text())
     assert study["tunings"] == ["tune@vae"] and study["trainings"] == ["train@vae-0"]
     records = {r["Name"]: r for r in submitted.cluster.job_records() if r.get("ArrayJobId") in

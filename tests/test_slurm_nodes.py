@@ -20,9 +20,9 @@ import pytest
 
 from tests.conftest import TINY, exp_metrics, merged, project_env, run, slurm_cluster_at
 from tests.slurm_cluster import SlurmCluster
-from tests.test_slurm import aevae, study_project, training_runs
+from tests.test_slurm import WAIT, aevae, study_project, training_runs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow(180), pytest.mark.xdist_group("slurm-nodes")]  # one cluster, one worker
 
 EPOCHS = 100  # ~0.4 s each: a training outlasts the ~30 s between Slurm's time-limit checks
 STUDY = merged(TINY, {"epochs": EPOCHS, "data": {"builtin_size": 200}, "train": {"seeds": [0, 1], "threads": 1},
@@ -106,7 +106,7 @@ def faulted(tmp_path_factory) -> Faulted:
     wait_for_line(logs[0], r"aevae: requeueing job", timeout=120)
     _update(cluster, tasks[0], "TimeLimit=UNLIMITED")
 
-    result = aevae(["slurm", "status", "faults", "--workdir", str(workdir), "--wait", "--timeout", "400"], repo, env)
+    result = aevae(["slurm", "status", "faults", "--workdir", str(workdir), *WAIT, "--timeout", "400"], repo, env)
     assert result.returncode == 0, result.stdout + result.stderr + "\n".join(p.read_text() for p in logs)
     cluster.set_node(down, "RESUME")
     status = aevae(["slurm", "status", "faults", "--workdir", str(workdir)], repo, env).stdout

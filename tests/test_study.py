@@ -15,7 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import TINY, copy_project, merged, project_env, run
+from tests.conftest import TINY, commit_study, copy_project, merged, project_env, run
+from tests.studies import built_once, copy_of
 
 pytestmark = pytest.mark.slow
 
@@ -42,18 +43,17 @@ def env(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, env) -> Path:
-    """A copy of the project with a new kind added by the recipe, after one `dvc repro` (seed 0)."""
-    repo = copy_project(tmp_path_factory.mktemp("study"), STUDY)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["models"] = {name: params["models"][name] for name in CONFIGS}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    with open(repo / "aevae/models/vae.py", "a", encoding="utf-8") as f:
-        f.write(NEW_KIND)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "a new kind"], ["dvc", "repro"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
-        run(cmd, repo, env)
-    return repo
+def study(tmp_path_factory) -> Path:
+    """A copy of the project with a new kind added by the recipe, after one `dvc repro` (seed 0); built once
+    per session (tests/studies.py), read-only: a test that runs a command in it takes a copy."""
+
+    def build(folder: Path) -> None:
+        repo = copy_project(folder / "repo", STUDY)
+        with open(repo / "aevae/models/vae.py", "a", encoding="utf-8") as f:
+            f.write(NEW_KIND)
+        commit_study(repo, project_env(folder), STUDY, CONFIGS, copied=True)
+
+    return built_once(tmp_path_factory, "new-kind-study", build) / "repo"
 
 
 def training_runs(repo: Path) -> pd.DataFrame:
@@ -63,6 +63,7 @@ def training_runs(repo: Path) -> pd.DataFrame:
 
 
 def test_a_new_kind_goes_through_every_stage_and_command(study, env, tmp_path):
+    """Every stage ran the new kind (the shared study's outputs), and every command takes it (in a copy)."""
     result = json.loads((study / "metrics/eval.json").read_text())
     assert [k for k in result if k in CONFIGS] == list(CONFIGS)
     assert result["wide"]["seeds"] == [0] and result["wide"]["kl_nats"] > 0  # its ELBO, asked of the contract
@@ -75,6 +76,7 @@ def test_a_new_kind_goes_through_every_stage_and_command(study, env, tmp_path):
     assert wide["tags.model_kind"] == "wide_vae" and wide["params.model.kind"] == "wide_vae"
     assert wide["status"] == "FINISHED" and wide["metrics.test_psnr"] == pytest.approx(result["wide"]["psnr"], abs=1e-5)
 
+    study = copy_of(study, tmp_path / "study")  # the commands below run in it
     run([*AEVAE, "compare", "--csv", str(tmp_path / "all.csv")], study, env)
     table = pd.read_csv(tmp_path / "all.csv")
     assert set(table["model"]) == set(CONFIGS)
@@ -95,17 +97,20 @@ def test_a_new_kind_goes_through_every_stage_and_command(study, env, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_seeds(study, env) -> tuple[str, pd.DataFrame]:
-    """`dvc exp run -S 'train.seeds=[0,1]' -S epochs=1` in the study's workspace, seed 0 trained before:
-    its output, and the MLflow training runs it added."""
-    before = training_runs(study)
-    out = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1]", "-S", "epochs=1"], study, env).stdout
-    after = training_runs(study)
-    return out, after[~after["run_id"].isin(before["run_id"])]
+def two_seeds(study, env, tmp_path_factory) -> tuple[Path, str, pd.DataFrame]:
+    """`dvc exp run -S 'train.seeds=[0,1]' -S epochs=1` in the workspace of a copy of the study, seed 0
+    trained before: the copy, the command's output, and the MLflow training runs it added. Shared by the two
+    tests of the group `study-two-seeds`."""
+    repo = copy_of(study, tmp_path_factory.mktemp("two-seeds") / "repo")
+    before = training_runs(repo)
+    out = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1]", "-S", "epochs=1"], repo, env).stdout
+    after = training_runs(repo)
+    return repo, out, after[~after["run_id"].isin(before["run_id"])]
 
 
-def test_a_second_seed_is_one_command_and_the_report_covers_both(study, two_seeds):
-    out, _ = two_seeds
+@pytest.mark.xdist_group("study-two-seeds")
+def test_a_second_seed_is_one_command_and_the_report_covers_both(two_seeds):
+    study, out, _ = two_seeds
     for config in CONFIGS:
         assert f"Running stage 'train@{config}-1'" in out and f"Running stage 'train@{config}-0'" not in out
     result = json.loads((study / "metrics/eval.json").read_text())
@@ -121,9 +126,10 @@ def test_a_second_seed_is_one_command_and_the_report_covers_both(study, two_seed
     assert re.search(r"± [0-9.]+ \[", report)  # the seed-to-seed sd beside every mean
 
 
-def test_adding_a_seed_trains_only_that_seed_once_per_model(study, two_seeds):
+@pytest.mark.xdist_group("study-two-seeds")
+def test_adding_a_seed_trains_only_that_seed_once_per_model(two_seeds):
     """What the second seed's command added: one training run per model, of the new seed only."""
-    _, new = two_seeds
+    study, _, new = two_seeds
     assert sorted(new["tags.model_config"]) == sorted(CONFIGS)  # one new training run per model
     assert set(new["params.train.seed"]) == {"1"}
     assert yaml.safe_load((study / "params.yaml").read_text())["train"]["seeds"] == [0, 1]

@@ -30,6 +30,9 @@ from aevae.tracking.runs import pipeline_stage, resume_run, training_run
 from aevae.tracking.store import open_store
 from aevae.train.stage import training_params
 
+# The module's stores are logged once (a module fixture): its tests run on one worker.
+pytestmark = pytest.mark.xdist_group("sweeps-stores")
+
 # What the runs here log, by the names the real code gives them: a training, of its training_params (every
 # shared param, train.seed and model.<key>), these keys and model.<key>; its pipeline's parent run, of every
 # param, these and models.<name>.<key>. No run logs epochs, say: a param no run logged is no column at all.

@@ -4,8 +4,10 @@ Every part is real: `mlflow server` with its basic-auth app, git, dvc."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -62,6 +64,7 @@ def train_stage(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProc
                           text=True)
 
 
+@pytest.mark.xdist_group("team-server")
 def test_anonymous_clients_are_refused_and_a_wrong_password_stops_before_training(tmp_path, env, server):
     client = mlflow.MlflowClient(server.uri)
     with pytest.raises(mlflow.exceptions.MlflowException, match="401"):
@@ -86,44 +89,64 @@ def test_anonymous_clients_are_refused_and_a_wrong_password_stops_before_trainin
     assert "val_loss" in found[0].data.metrics
 
 
-def test_sweeps_from_two_machines_meet_in_a_third_clone(tmp_path, env, server):
+@dataclass
+class Sweeps:
+    """Two members' experiments, met in a third clone (the `sweeps` fixture)."""
+
+    logs: dict[str, str]  # what `dvc exp run` printed on each member's machine
+    outputs: dict[str, dict[str, bytes]]  # each member's best.pt per configuration
+    lead: Path  # carol's clone, both experiments pulled
+    carol: dict[str, str]  # her environment: the server and her login
+    shown: dict[str, dict]  # `dvc exp show` there
+
+
+EXPERIMENTS = {"alice": "models.vae.beta=2", "bob": "models.vae.beta=0.5"}  # the same AE and AE-128
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory, env, server) -> Sweeps:
     """alice and bob each clone the project, run an experiment and push it (git refs to the shared git
     remote, outputs and run history to the shared DVC remote); bob's experiment shares alice's AE
-    configuration, so his machine restores her AEs instead of training them. carol clones, pulls both and
-    sees them in `dvc exp show`, in their outputs and, through the one MLflow server, in `aevae compare`."""
-    origin, dvc_remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
-    run(["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], tmp_path, env)
-    project = copy_project(tmp_path / "project")
+    configuration. carol clones and pulls both. Shared by the tests of the group `team-server`."""
+    root = tmp_path_factory.mktemp("team")
+    origin, dvc_remote = root / "origin.git", root / "dvc-remote"
+    run(["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], root, env)
+    project = copy_project(root / "project")
     for cmd in (["git", "init", "-q", "--initial-branch=main"],
                 ["dvc", "remote", "add", "-d", "shared", str(dvc_remote)],  # in .dvc/config, so in every clone
                 ["git", "add", "-A"], ["git", "commit", "-qm", "project"],
                 ["git", "remote", "add", "origin", str(origin)], ["git", "push", "-q", "origin", "main"]):
         run(cmd, project, env)
-
-    experiments = {"alice": "models.vae.beta=2", "bob": "models.vae.beta=0.5"}  # the same AE and AE-128
     outputs, logs = {}, {}
-    for name, override in experiments.items():
-        clone = tmp_path / name
-        run(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
+    for name, override in EXPERIMENTS.items():
+        clone = root / name
+        run(["git", "clone", "-q", str(origin), str(clone)], root, env)
         member = as_user(env, server, name)
         # --pull: a stage the team ran before (the DVC remote's run-cache) is restored from there
         logs[name] = run(["dvc", "exp", "run", "--pull", "-n", f"{name}-exp", "-S", override], clone, member).stdout
         run(["dvc", "exp", "push", "--run-cache", "origin", f"{name}-exp"], clone, member)
         outputs[name] = {kind: (clone / f"models/{kind}/seed0/best.pt").read_bytes() for kind in MODELS}
+    lead = root / "carol"
+    run(["git", "clone", "-q", str(origin), str(lead)], root, env)
+    carol = as_user(env, server, "carol")
+    run(["dvc", "exp", "pull", "origin", "alice-exp", "bob-exp"], lead, carol)
+    return Sweeps(logs, outputs, lead, carol, exp_metrics(lead, carol))
+
+
+@pytest.mark.xdist_group("team-server")
+def test_sweeps_from_two_machines_meet_in_a_third_clone(tmp_path, sweeps):
+    """bob's machine restores alice's AEs instead of training them; carol sees both experiments in `dvc exp
+    show`, in their outputs and, through the one MLflow server, in `aevae compare`."""
+    logs, outputs, lead, carol, shown = sweeps.logs, sweeps.outputs, sweeps.lead, sweeps.carol, sweeps.shown
     assert "Running stage 'train@ae-0'" in logs["alice"]
     for stage in ("train@ae-0", "train@ae_code-0"):
         assert f"Stage '{stage}' is cached - skipping run" in logs["bob"], logs["bob"]
     assert "Running stage 'train@vae-0'" in logs["bob"]
     assert outputs["bob"]["ae"] == outputs["alice"]["ae"]
 
-    lead = tmp_path / "carol"
-    run(["git", "clone", "-q", str(origin), str(lead)], tmp_path, env)
-    carol = as_user(env, server, "carol")
-    run(["dvc", "exp", "pull", "origin", "alice-exp", "bob-exp"], lead, carol)
-    shown = exp_metrics(lead, carol)
     assert set(shown) == {"alice-exp", "bob-exp"}
     assert shown["bob-exp"]["ae"]["psnr"] == pytest.approx(shown["alice-exp"]["ae"]["psnr"], abs=1e-6)
-    for name in experiments:  # the outputs came through the DVC remote, not only the git refs
+    for name in EXPERIMENTS:  # the outputs came through the DVC remote, not only the git refs
         run(["dvc", "exp", "apply", f"{name}-exp"], lead, carol)
         for kind in MODELS:
             assert (lead / f"models/{kind}/seed0/best.pt").read_bytes() == outputs[name][kind], (name, kind)
@@ -133,6 +156,30 @@ def test_sweeps_from_two_machines_meet_in_a_third_clone(tmp_path, env, server):
     table = table[~table["pipeline"].str.startswith("unknown-")]  # the login test's training, outside DVC
     trained = sorted(zip(table["pipeline"], table["model"]))  # each distinct training once, on one machine
     assert trained == [("alice-exp", "ae"), ("alice-exp", "ae_code"), ("alice-exp", "vae"), ("bob-exp", "vae")]
-    for name in experiments:
+    for name in EXPERIMENTS:
         row = table[(table["pipeline"] == f"{name}-exp") & (table["model"] == "vae")].iloc[0]
         assert row["test_psnr"] == pytest.approx(shown[f"{name}-exp"]["vae"]["psnr"], abs=1e-5)
+
+
+@pytest.mark.xdist_group("team-server")
+def test_the_pipeline_logs_to_a_tracking_server_unchanged(sweeps, server):
+    """alice's experiment, as `dvc exp run` sent it to the server (MLFLOW_TRACKING_URI and a login, nothing
+    else): every run of it, the override among the params, the test scores, the checkpoints; and `aevae ui`
+    gives the address of the runs table there, with the view the experiment holds."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", USERS["carol"])
+        client = mlflow.MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("aevae")
+        found = client.search_runs([experiment.experiment_id], "tags.dvc_exp_name = 'alice-exp'")
+        runs = {r.info.run_name: r for r in found}
+        assert sorted(runs) == ["ae-seed0", "ae_code-seed0", "alice-exp", "report", "vae-seed0"]
+        assert runs["vae-seed0"].data.params["model.beta"] == "2.0" and runs["ae-seed0"].data.params["lr"] == "0.002"
+        assert "test_psnr" in runs["ae-seed0"].data.metrics and "test_psnr" in runs["vae-seed0"].data.metrics
+        assert "checkpoints/best.pt" in {a.path for a in client.list_artifacts(runs["ae-seed0"].info.run_id,
+                                                                                 "checkpoints")}
+    address = run(["aevae", "ui"], sweeps.lead, sweeps.carol).stdout.strip()
+    assert address == (f"{server.uri}/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey=aevae"
+                       "&workflowType=machine_learning")
+    view = json.loads(experiment.tags["mlflow.sharedViewState.aevae"])
+    assert {"metrics.`vae_test_psnr`", "params.`models.vae.beta`"} <= set(view["selectedColumns"])

@@ -22,7 +22,8 @@ from aevae import AevaeError
 from aevae.config.schema import Params
 from aevae.train.stage import training_params
 from aevae.tune.params import check_space, load_tune_params
-from tests.conftest import REPO, TINY, copy_project, merged, one_line_error, project_env, run
+from tests.conftest import REPO, TINY, commit_study, merged, one_line_error, project_env, run
+from tests.studies import built_once, copy_of
 
 CONFIGS = ("ae", "vae")
 TUNE = {"trials": 2, "seeds": [0, 1], "startup_trials": 1, "space": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
@@ -45,16 +46,14 @@ def env(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory, env) -> Path:
-    """A committed copy with two configurations tuned (2 trials x 2 seeds each), after one `dvc repro`."""
-    repo = copy_project(tmp_path_factory.mktemp("tuned"), merged(TINY, {"tune": TUNE}))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["models"] = {name: params["models"][name] for name in CONFIGS}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tuned"], ["dvc", "repro"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
-        run(cmd, repo, env)
-    return repo
+def tuned(tmp_path_factory) -> Path:
+    """A committed copy with two configurations tuned (2 trials x 2 seeds each), after one `dvc repro`; built
+    once per session (tests/studies.py), read-only: a test that runs dvc in it takes a copy."""
+    # One torch thread per training: with threads 0 a training takes its share of the cores, which trainings
+    # of other tests running at that moment change, and the killed tuning below must equal this one bitwise.
+    study = merged(TINY, {"tune": TUNE, "train": {"threads": 1}})
+    return built_once(tmp_path_factory, "tuned-study",
+                      lambda folder: commit_study(folder / "repo", project_env(folder), study, CONFIGS)) / "repo"
 
 
 @pytest.mark.slow
@@ -130,17 +129,18 @@ def test_without_the_test_split_killed_and_started_again_the_tuning_equals_an_un
 
 
 @pytest.mark.slow
-def test_more_trials_train_only_the_new_ones_and_a_repeat_trains_nothing(tuned, env):
-    before = set(trial_runs(tuned / "mlflow.db")["run_id"])
-    run(["dvc", "exp", "run", "-S", "tune.trials=3"], tuned, env)
-    trials = trial_runs(tuned / "mlflow.db")
+def test_more_trials_train_only_the_new_ones_and_a_repeat_trains_nothing(tuned, env, tmp_path):
+    repo = copy_of(tuned, tmp_path / "repo")
+    before = set(trial_runs(repo / "mlflow.db")["run_id"])
+    run(["dvc", "exp", "run", "-S", "tune.trials=3"], repo, env)
+    trials = trial_runs(repo / "mlflow.db")
     added = trials[~trials["run_id"].isin(before)]
     assert sorted(added["tags.aevae_trial"]) == ["2", "2", "2", "2"]  # trial 2 of each configuration, 2 seeds
     for config in CONFIGS:
-        assert len(pd.read_csv(tuned / f"tuned/{config}.csv")) == 3
-    count = len(runs_in(tuned / "mlflow.db"))
-    out = run(["dvc", "exp", "run", "-S", "tune.trials=3"], tuned, env).stdout
-    assert "Running stage 'tune@" not in out and len(runs_in(tuned / "mlflow.db")) == count
+        assert len(pd.read_csv(repo / f"tuned/{config}.csv")) == 3
+    count = len(runs_in(repo / "mlflow.db"))
+    out = run(["dvc", "exp", "run", "-S", "tune.trials=3"], repo, env).stdout
+    assert "Running stage 'tune@" not in out and len(runs_in(repo / "mlflow.db")) == count
 
 
 def test_no_trials_choose_nothing_and_train_exactly_as_before(tmp_path):

@@ -22,6 +22,11 @@ workdir_option = click.option(
                             "folder every node sees (scratch).")
 
 
+poll_option = click.option(
+    "--poll", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+    help="With --wait: seconds between two looks at the jobs (squeue and the study's status files).")
+
+
 def _echo_states(rows) -> None:
     width = max(len(r.stage) for r in rows)
     for r in rows:
@@ -49,8 +54,9 @@ def _echo_states(rows) -> None:
 @params_option
 @click.option("--dry-run", is_flag=True, help="Print the sbatch scripts and submit nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Stay until the study succeeds or a job fails (exit 1).")
+@poll_option
 def submit(partition, cpus, mem, time_limit, gpus, notice, name, git_url, dvc_remote, setup, workdir, params_file,
-           dry_run, wait_) -> None:
+           dry_run, wait_, poll) -> None:
     """Submit the current commit's study (every configuration and seed in params.yaml): a prepare job, one
     array task per tuning stage when tune.trials > 0, one array task per training stage, and a final job
     that runs the pipeline as the DVC experiment NAME with every tuning and training restored from the
@@ -74,7 +80,7 @@ def submit(partition, cpus, mem, time_limit, gpus, notice, name, git_url, dvc_re
     jobs.submit(study, resources)
     _echo_submitted(study, workdir)
     if wait_:
-        _wait_and_report(study)
+        _wait_and_report(study, poll)
 
 
 def _echo_submitted(study, workdir: Path) -> None:
@@ -90,10 +96,10 @@ def _echo_submitted(study, workdir: Path) -> None:
                f"  result: dvc exp pull origin {study.name} && dvc exp apply {study.name}")
 
 
-def _wait_and_report(study, timeout: float | None = None) -> None:
+def _wait_and_report(study, poll: float, timeout: float | None = None) -> None:
     from aevae.cluster import jobs
 
-    rows = jobs.wait(study, poll=5.0, timeout=timeout)
+    rows = jobs.wait(study, poll=poll, timeout=timeout)
     _echo_states(rows)
     outcome = jobs.finished(rows)
     if outcome is False:
@@ -109,7 +115,8 @@ def _wait_and_report(study, timeout: float | None = None) -> None:
 @workdir_option
 @click.option("--wait", "wait_", is_flag=True, help="Stay until the study succeeds or a job fails (exit 1).")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds (exit 1).")
-def status(name: str | None, workdir: Path, wait_: bool, timeout: float | None) -> None:
+@poll_option
+def status(name: str | None, workdir: Path, wait_: bool, timeout: float | None, poll: float) -> None:
     """Each job of study NAME: pending, running, ok or failed (with its log); without NAME, every study."""
     from aevae.cluster import jobs
     from aevae.cluster.study import Study
@@ -124,7 +131,7 @@ def status(name: str | None, workdir: Path, wait_: bool, timeout: float | None) 
         return
     study = Study.load(workdir / name)
     if wait_:
-        _wait_and_report(study, timeout)
+        _wait_and_report(study, poll, timeout)
         return
     rows = jobs.study_states(study)
     _echo_states(rows)

@@ -35,20 +35,38 @@ def expected_seconds(item: pytest.Item) -> float:
     return float(mark.args[0]) if mark.args else SLOW_SECONDS
 
 
+def _group_names(item: pytest.Item) -> list[str]:
+    marks = item.iter_markers("xdist_group")
+    return sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks})
+
+
+def _mark_groups_for_xdist(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """pytest-xdist 3.8 learns a test's group from an "@group" suffix that its workers append to the nodeid
+    through `item._nodeid`; pytest 9.2 builds nodeids from `item._id`, so the suffix never arrives and
+    `--dist loadgroup` silently spreads a group over the workers, each building its fixture again
+    (pytest-dev/pytest-xdist#1386, fixed the same way in the pending #1388). Here, in the workers only, the
+    suffix goes where pytest 9.2 reads it; with a fixed pytest-xdist the nodeid has it already."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = _group_names(item)
+        if names and hasattr(item, "_id") and not item.nodeid.endswith("@" + "_".join(names)):
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The longest first; a group's tests keep their place after its longest (xdist sends a group whole)."""
+    _mark_groups_for_xdist(config, items)
     group_seconds: dict[str, float] = {}
     for item in items:
-        group = item.get_closest_marker("xdist_group")
-        if group:
-            name = group.args[0] if group.args else group.kwargs.get("name", "default")
-            group_seconds[name] = group_seconds.get(name, 0) + expected_seconds(item)
+        if names := _group_names(item):
+            group_seconds["_".join(names)] = group_seconds.get("_".join(names), 0) + expected_seconds(item)
 
     def cost(item: pytest.Item) -> float:
-        group = item.get_closest_marker("xdist_group")
-        if group:
-            return group_seconds[group.args[0] if group.args else group.kwargs.get("name", "default")]
-        return expected_seconds(item)
+        names = _group_names(item)
+        return group_seconds["_".join(names)] if names else expected_seconds(item)
 
     items.sort(key=cost, reverse=True)  # stable: equal costs keep the files' order
 

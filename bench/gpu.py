@@ -226,7 +226,7 @@ def phase_steps(bench: Bench) -> dict:
 
     params, train_x, _, torch = _data_and_params(bench)
     device = pick_device("auto")
-    images = train_x[: 128 if bench.smoke else 4096]
+    images = train_x[: 64 if bench.smoke else 4096]  # smoke: one batch a pass (and its warm-up)
     result: dict = {"images": len(images)}
     for config in CONFIGS:
         compile_too = bench.compile_too and config == CONFIGS[0]  # it compiles for a minute: the first model only

@@ -34,8 +34,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = tuple(yaml.safe_load((REPO / "params.yaml").read_text())["models"])  # the study's configurations, in order
+# A study on tiny data. No progress images or system metrics in MLflow (about a second of each training, and
+# no test of a TINY study looks at them): tiny_study, which tests them, keeps params.yaml's.
 TINY = {"epochs": 1, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 80},
-        "models": {"ae_code": {"latent_dim": 16}, "vae": {"latent_dim": 16}}, "eval": {"bootstrap_samples": 200}}
+        "models": {"ae_code": {"latent_dim": 16}, "vae": {"latent_dim": 16}}, "eval": {"bootstrap_samples": 200},
+        "tracking": {"images_every": 0, "system_metrics": False}}
 
 
 def this_machine() -> dict[str, str]:
@@ -93,13 +96,15 @@ def one_line_error(result: subprocess.CompletedProcess, message: str = "") -> st
 
 def wait_for_epoch(path: Path, epoch: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     """Until the training `proc` has saved `epoch` in `path` (its last.pt); fails if it ends first."""
-    deadline = time.monotonic() + timeout
+    deadline, seen = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        if path.exists():
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        if stamp is not None and stamp != seen:  # read a checkpoint only when it was written again
             try:
                 if torch.load(path, weights_only=True)["epoch"] >= epoch:
                     return
+                seen = stamp
             except (EOFError, RuntimeError):  # caught between two writes of the same name: try again
                 pass
         time.sleep(0.05)
@@ -146,8 +151,9 @@ def tiny_study(tmp_path_factory) -> Path:
     """The default study on tiny data (TINY: three configurations, one seed), committed after one `dvc
     repro`, built once per session (tests/studies.py). Read it; to run any command in it or change it, take
     a copy (`studies.copy_of`)."""
+    as_params = {key: value for key, value in TINY.items() if key != "tracking"}  # images and system metrics on
     return built_once(tmp_path_factory, "tiny-study",
-                      lambda folder: commit_study(folder / "repo", project_env(folder))) / "repo"
+                      lambda folder: commit_study(folder / "repo", project_env(folder), as_params)) / "repo"
 
 
 def exp_metrics(repo: Path, env: dict[str, str]) -> dict[str, dict]:

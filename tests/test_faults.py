@@ -20,7 +20,7 @@ from aevae.train.stage import train
 from tests.conftest import REPO, merged, one_line_error, project_env, train_command, wait_for_epoch
 from tests.studies import built_once
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(10)
 FAULT_PARAMS = {"epochs": 6, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 200},
                 "models": {"vae": {"latent_dim": 16}}, "train": {"threads": 1}}
 
@@ -71,6 +71,7 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.Completed
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.slow(30)
 def test_sigkill_then_restart_resumes_to_bitwise_identical_weights(fault_setup, tmp_path, store, uninterrupted):
     killed = out(tmp_path / "killed")
 
@@ -119,6 +120,7 @@ def test_interrupt_keeps_the_checkpoint_and_marks_the_run_killed(fault_setup, tm
     assert mlflow.MlflowClient(store).get_run(run_id).info.status == "KILLED"
 
 
+@pytest.mark.slow(20)
 def test_sigusr1_saves_the_state_and_the_stage_resumes_it_bitwise_in_the_same_run(fault_setup, tmp_path, store,
                                                                                    uninterrupted):
     """The training stage as Slurm's time-limit notice reaches it: SIGUSR1 once its first epoch is saved. It
@@ -166,6 +168,7 @@ def test_divergence_stops_with_a_clear_error_and_no_nan_checkpoint(tmp_path, sto
     assert mlflow.MlflowClient(store).get_run(run_id).info.status == "FAILED"
 
 
+@pytest.mark.slow(15)
 def test_divergence_after_good_epochs_names_the_epoch_the_batch_and_the_last_good_checkpoint(fault_setup, tmp_path):
     """A training killed after its first epochs resumes with an absurd learning rate (written into its
     last.pt, as a bad restart would): it diverges in the next epoch, names it, and leaves last.pt good."""

@@ -82,7 +82,7 @@ def test_fid_of_a_set_with_itself_is_zero(photo_features, photos):
     assert abs(fid_kid(photo_features, photo_features, seed=0)["fid"]) < 1e-2
 
 
-@pytest.mark.slow
+@pytest.mark.slow(40)
 def test_fid_and_kid_grow_with_noise_and_with_blur(inception, photos, photo_features):
     """Heusel et al. 2017, Fig. 1: both disturbances, at growing strength, move the distances up."""
     cpu, rng, real = torch.device("cpu"), np.random.default_rng(0), photo_features

@@ -16,7 +16,7 @@ PHASES = "env,prepare,steps,resume,train,evaluate,mlflow,write"  # short: the tr
 CONFIGS = ("ae", "ae_code", "vae")  # bench/gpu.py's: the study's three
 
 
-@pytest.mark.slow
+@pytest.mark.slow(100)
 def test_the_gpu_benchmark_runs_its_whole_path_on_a_cpu(tmp_path):
     """~2 minutes: every phase but the short runs, through the real stage scripts, LPIPS and Inception weights."""
     out = tmp_path / "gpu"
@@ -54,7 +54,7 @@ def test_the_gpu_benchmark_runs_its_whole_path_on_a_cpu(tmp_path):
     assert (REPO / "bench" / "results.md").read_text() == results_md
 
 
-@pytest.mark.slow
+@pytest.mark.slow(30)
 def test_trainings_at_the_deadline_stop_with_their_state_and_the_next_call_resumes_them(tmp_path):
     """The device machine's commands have a time limit: near --deadline the train phase stops the
     trainings with SIGUSR1 (Slurm's notice), each saves its state, and --phases train run again resumes

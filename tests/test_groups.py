@@ -240,7 +240,7 @@ def test_a_csv_inside_the_folder_is_read_not_taken_for_an_image(tmp_path):
     assert sum(prepared.counts.values()) == len(of) and prepared.skipped == []
 
 
-@pytest.mark.slow
+@pytest.mark.slow(35)
 def test_a_grouped_study_reports_its_groups_and_dvc_sees_the_csv_change(tmp_path_factory):
     """`dvc repro` of a study on a folder grouped by a CSV in data/groups/: evaluation and the report count
     groups; editing the CSV makes prepare stale."""

@@ -26,7 +26,7 @@ from aevae.report.params import load_report_params
 from aevae.results.metrics_dir import MetricsDir
 from aevae.train.stage import train
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(5)
 STUDY = {"epochs": 1, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 60},
          "tracking": {"images_every": 0, "system_metrics": False}, "eval": {"fid": False, "bootstrap_samples": 200},
          "report": {"grid_images": 4, "samples": 4}}

@@ -15,10 +15,11 @@ import torch
 
 from tests.conftest import REPO, project_env, train_command, wait_for_epoch
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(20)
 WAITING = "waiting for its outputs instead of training it twice"
 
 
+@pytest.mark.slow(30)
 def test_two_workers_starting_one_configuration_train_it_once(tmp_path, write_params, store):
     params = write_params({"epochs": 12, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 200},
                            "tracking": {"images_every": 0, "system_metrics": False}})
@@ -72,6 +73,7 @@ def test_two_workers_starting_one_configuration_train_it_once(tmp_path, write_pa
     assert published[0].stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow(16)
 def test_a_killed_training_workers_lock_goes_with_it_and_the_waiting_worker_trains(tmp_path, write_params, store):
     epochs = 6
     params = write_params({"epochs": epochs, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 80},

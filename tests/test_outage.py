@@ -18,7 +18,7 @@ from aevae.config.load import load_params
 from aevae.data.prepare import prepare
 from tests.conftest import REPO, one_line_error, project_env, train_command
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(30)
 
 EPOCHS = 20
 
@@ -45,6 +45,7 @@ def wait_for_epoch(training: subprocess.Popen, history: Path, epoch: int, timeou
     raise AssertionError(f"epoch {epoch} not reached in {timeout} s")
 
 
+@pytest.mark.slow(90)
 def test_metrics_survive_two_outages_and_arrive_in_order(tmp_path, env, write_params, tracking_server):
     """Outage 1 ends during training: the missed epochs arrive with the next one. Outage 2 lasts past the
     training's end: the stage warns, and `aevae sync` delivers the rest, the model and the FINISHED."""
@@ -110,6 +111,7 @@ def test_metrics_survive_two_outages_and_arrive_in_order(tmp_path, env, write_pa
           f"ended meanwhile; outage 2 from epoch {EPOCHS - 3} past the end; all {EPOCHS} epochs arrived once")
 
 
+@pytest.mark.slow(8)
 def test_a_server_that_is_down_when_training_starts_is_a_one_line_error_before_any_epoch(tmp_path, env,
                                                                                         write_params):
     params = write_params({"data": {"image_size": 32, "builtin_size": 60}})

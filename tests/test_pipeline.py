@@ -208,6 +208,7 @@ def test_the_logged_mlflow_model_reconstructs_exactly_as_best_pt(tiny_study):
         assert np.array_equal(to_uint8(served), np.load(tiny_study / f"metrics/reconstructions/{kind}/seed0.npy")), kind
 
 
+@pytest.mark.slow(20)
 def test_reconstruct_takes_an_mlflow_model_uri(repo, env, tmp_path):
     """`aevae reconstruct runs:/<run id>/model` writes what the same command writes from best.pt."""
     photos = tmp_path / "photos"
@@ -315,6 +316,7 @@ def test_changing_only_reconstruct_reruns_evaluation(repo, env):
     assert json.loads((repo / "metrics/eval.json").read_text()) == before
 
 
+@pytest.mark.slow(40)
 def test_a_vae_only_experiment_reuses_the_committed_ae(repo, env):
     """A queued/--temp experiment starts from the last commit: unchanged stages come from the cache."""
     before = runs(repo)
@@ -368,6 +370,7 @@ def numpy_fid(real: np.ndarray, fake: np.ndarray) -> float:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.slow(60)
 def test_fid_is_one_param_that_trains_nothing_and_recomputes_from_the_saved_features(repo, env):
     out = run(["dvc", "exp", "run", "-n", "fid", "-S", "eval.fid=true"], repo, env).stdout
     assert "Running stage 'train@" not in out and "Running stage 'features'" in out
@@ -407,8 +410,9 @@ def test_fid_is_one_param_that_trains_nothing_and_recomputes_from_the_saved_feat
     assert ((compared["test_sample_fid"] - result["vae"]["sample_fid"]).abs() < 1e-4).any()
 
 
-def run_queue(repo: Path, env: dict[str, str], workers: int = 2, timeout: float = 900) -> None:
-    """`dvc queue start` and wait until every queued experiment has ended; none may fail."""
+def run_queue(repo: Path, env: dict[str, str], workers: int = 2, timeout: float = 900, poll: float = 10) -> None:
+    """`dvc queue start` and wait until every queued experiment has ended; none may fail. Each look is a `dvc
+    queue status` process (most of a second of CPU, taken from the experiments): every `poll` seconds."""
     # Its output goes to a file, not a pipe: the workers it starts inherit the pipe and outlive it.
     with open(repo / ".dvc" / "tmp" / "queue-start.log", "a") as log:
         subprocess.run(["dvc", "queue", "start", "-j", str(workers)], cwd=repo, env=env, stdout=log, stderr=log,
@@ -418,7 +422,7 @@ def run_queue(repo: Path, env: dict[str, str], workers: int = 2, timeout: float 
         status = run(["dvc", "queue", "status"], repo, env).stdout
         if "Queued" not in status and "Running" not in status:
             break
-        time.sleep(3)
+        time.sleep(poll)
     stop_workers(repo)
     assert "Failed" not in status and "Queued" not in status and "Running" not in status, status
 
@@ -457,6 +461,7 @@ def queued(tiny_study, env, tmp_path_factory) -> Path:
 
 
 @pytest.mark.xdist_group("pipeline-queue")
+@pytest.mark.slow(250)
 def test_exp_run_with_a_param_override_retrains_every_model(queued, env):
     out = run(["dvc", "queue", "logs", "queued-a"], queued, env).stdout  # what the experiment printed
     assert all(f"Running stage 'train@{kind}-0'" in out for kind in MODELS)
@@ -565,6 +570,7 @@ def test_commands_refuse_bad_filters_in_one_line(repo, env):
 
 
 @pytest.mark.xdist_group("pipeline-queue")
+@pytest.mark.slow(20)
 def test_a_configuration_trained_before_is_restored_not_trained_again(queued, env):
     """DVC's run-cache: the sweep trained (beta 2, seeds 0 and 1) in a queued experiment."""
     before = runs(queued)

@@ -17,12 +17,13 @@ from aevae.config.load import load_params
 from aevae.data.prepare import prepare
 from tests.conftest import project_env, train_command, wait_for_epoch
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(20)
 EPOCHS = 6
 RESUME_PARAMS = {"epochs": EPOCHS, "lr": 0.002, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 80},
                  "train": {"threads": 1}, "tracking": {"images_every": 0, "system_metrics": False}}
 
 
+@pytest.mark.slow(22)
 def test_a_last_pt_of_other_params_or_other_data_is_ignored_and_training_starts_over(tmp_path, write_params, store):
     params = write_params(RESUME_PARAMS)
     other_lr = write_params({**RESUME_PARAMS, "lr": 0.001}, name="other_lr.yaml")

@@ -150,7 +150,7 @@ def submitted(tmp_path_factory) -> Submitted:
     cluster_run.close()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(80)
 @pytest.mark.xdist_group("slurm-study")
 def test_each_training_of_a_study_is_an_array_task_of_its_own(submitted):
     study, workdir = submitted.first, submitted.workdir
@@ -166,7 +166,7 @@ def test_each_training_of_a_study_is_an_array_task_of_its_own(submitted):
     assert "Running stage 'train@" not in final and final.count("is cached - skipping run") >= 3  # prepare too
 
 
-@pytest.mark.slow
+@pytest.mark.slow(5)
 @pytest.mark.xdist_group("slurm-study")
 def test_a_study_on_slurm_equals_a_local_repro_and_logs_each_training_once(submitted):
     found = exp_metrics(submitted.repo, submitted.env)
@@ -176,7 +176,7 @@ def test_a_study_on_slurm_equals_a_local_repro_and_logs_each_training_once(submi
     assert training_runs(submitted.env["MLFLOW_TRACKING_URI"]) == [("vae", 0), ("vae", 1)]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(20)
 @pytest.mark.xdist_group("slurm-study")
 def test_a_second_submission_of_the_same_commit_trains_nothing(submitted):
     repo, env, workdir = submitted.repo, submitted.env, submitted.workdir
@@ -191,7 +191,7 @@ def test_a_second_submission_of_the_same_commit_trains_nothing(submitted):
     assert {c: found["second"][c] for c in CONFIGS} == {c: found["first"][c] for c in CONFIGS}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(8)
 @pytest.mark.xdist_group("slurm-study")
 def test_a_failed_job_is_named_with_its_log_and_what_waited_never_runs(submitted):
     repo, env, workdir = submitted.repo, submitted.env, submitted.workdir
@@ -233,7 +233,7 @@ def never_ran(cluster: SlurmCluster, jobs: list[str], timeout: float = 90) -> li
     raise TimeoutError(f"jobs {jobs} still wait after {timeout:g} s: {cluster.job_records()}")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(10)
 @pytest.mark.xdist_group("slurm-study")
 def test_a_failed_training_is_named_with_its_log_and_the_final_job_never_runs(submitted):
     """Task 1 of the array dies (its setup exits 4, as a job that loses its node or environment would); task
@@ -266,7 +266,7 @@ def test_a_study_saved_before_tuning_arrays_loads_with_none(tmp_path):
     assert study.job_of("train@vae-0") == "7_0" and study.log_file("train@vae-0") == tmp_path / "logs/train-7_0.out"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(70)
 @pytest.mark.xdist_group("slurm-study")
 def test_with_tune_trials_each_configuration_is_tuned_once_in_an_array_before_the_trainings(submitted, tmp_path):
     """tune.trials: 2. The tuning array's task runs tune@vae once, after prepare; the training array waits for

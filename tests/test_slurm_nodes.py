@@ -22,7 +22,7 @@ from tests.conftest import TINY, exp_metrics, merged, project_env, run, slurm_cl
 from tests.slurm_cluster import SlurmCluster
 from tests.test_slurm import WAIT, aevae, study_project, training_runs
 
-pytestmark = [pytest.mark.slow(180), pytest.mark.xdist_group("slurm-nodes")]  # one cluster, one worker
+pytestmark = [pytest.mark.slow(45), pytest.mark.xdist_group("slurm-nodes")]  # one cluster, one worker
 
 EPOCHS = 100  # ~0.4 s each: a training outlasts the ~30 s between Slurm's time-limit checks
 STUDY = merged(TINY, {"epochs": EPOCHS, "data": {"builtin_size": 200}, "train": {"seeds": [0, 1], "threads": 1},

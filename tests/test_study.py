@@ -18,7 +18,7 @@ from PIL import Image
 from tests.conftest import TINY, commit_study, copy_project, merged, project_env, run
 from tests.studies import built_once, copy_of
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(30)
 
 # docs/models.md, "Adding a model kind": a class in a module of aevae/models and an entry under models:.
 NEW_KIND = '''
@@ -62,6 +62,7 @@ def training_runs(repo: Path) -> pd.DataFrame:
     return frame[frame["tags.model_config"].notna()].reset_index(drop=True)
 
 
+@pytest.mark.slow(70)
 def test_a_new_kind_goes_through_every_stage_and_command(study, env, tmp_path):
     """Every stage ran the new kind (the shared study's outputs), and every command takes it (in a copy)."""
     result = json.loads((study / "metrics/eval.json").read_text())
@@ -109,6 +110,7 @@ def two_seeds(study, env, tmp_path_factory) -> tuple[Path, str, pd.DataFrame]:
 
 
 @pytest.mark.xdist_group("study-two-seeds")
+@pytest.mark.slow(60)
 def test_a_second_seed_is_one_command_and_the_report_covers_both(two_seeds):
     study, out, _ = two_seeds
     for config in CONFIGS:
@@ -127,6 +129,7 @@ def test_a_second_seed_is_one_command_and_the_report_covers_both(two_seeds):
 
 
 @pytest.mark.xdist_group("study-two-seeds")
+@pytest.mark.slow(1)
 def test_adding_a_seed_trains_only_that_seed_once_per_model(two_seeds):
     """What the second seed's command added: one training run per model, of the new seed only."""
     study, _, new = two_seeds

@@ -26,7 +26,7 @@ from tests.conftest import (
     train_command,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(30)
 
 USERS = {"alice": "alice-Pw-4417-x", "bob": "bob-Pw-9052-xyz", "carol": "carol-Pw-1268-x"}  # MLflow: 12+ chars
 
@@ -65,6 +65,7 @@ def train_stage(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProc
 
 
 @pytest.mark.xdist_group("team-server")
+@pytest.mark.slow(45)
 def test_anonymous_clients_are_refused_and_a_wrong_password_stops_before_training(tmp_path, env, server):
     client = mlflow.MlflowClient(server.uri)
     with pytest.raises(mlflow.exceptions.MlflowException, match="401"):
@@ -134,6 +135,7 @@ def sweeps(tmp_path_factory, env, server) -> Sweeps:
 
 
 @pytest.mark.xdist_group("team-server")
+@pytest.mark.slow(100)
 def test_sweeps_from_two_machines_meet_in_a_third_clone(tmp_path, sweeps):
     """bob's machine restores alice's AEs instead of training them; carol sees both experiments in `dvc exp
     show`, in their outputs and, through the one MLflow server, in `aevae compare`."""
@@ -162,6 +164,7 @@ def test_sweeps_from_two_machines_meet_in_a_third_clone(tmp_path, sweeps):
 
 
 @pytest.mark.xdist_group("team-server")
+@pytest.mark.slow(5)
 def test_the_pipeline_logs_to_a_tracking_server_unchanged(sweeps, server):
     """alice's experiment, as `dvc exp run` sent it to the server (MLFLOW_TRACKING_URI and a login, nothing
     else): every run of it, the override among the params, the test scores, the checkpoints; and `aevae ui`

@@ -56,7 +56,7 @@ def tuned(tmp_path_factory) -> Path:
                       lambda folder: commit_study(folder / "repo", project_env(folder), study, CONFIGS)) / "repo"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(75)
 def test_every_configuration_gets_the_same_trials_and_the_study_trains_at_the_choice(tuned):
     runs = runs_in(tuned / "mlflow.db")
     tuning = runs[runs["tags.aevae_role"] == "tuning"]
@@ -101,7 +101,7 @@ def tune_stage(repo: Path, root: Path, config: str, env: dict[str, str]) -> subp
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(25)
 def test_without_the_test_split_killed_and_started_again_the_tuning_equals_an_uninterrupted_one(tuned, env,
                                                                                                 tmp_path):
     """SIGKILL once the first trial has finished, then the same command: no finished trial trains again,
@@ -128,7 +128,7 @@ def test_without_the_test_split_killed_and_started_again_the_tuning_equals_an_un
     assert len(trials) == 4 and set(trials["status"]) == {"FINISHED"}  # each (trial, seed) one run, resumed
 
 
-@pytest.mark.slow
+@pytest.mark.slow(75)
 def test_more_trials_train_only_the_new_ones_and_a_repeat_trains_nothing(tuned, env, tmp_path):
     repo = copy_of(tuned, tmp_path / "repo")
     before = set(trial_runs(repo / "mlflow.db")["run_id"])

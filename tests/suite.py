@@ -6,7 +6,8 @@ a part left out. conftest.py imports these hooks; docs/development.md (Tests) sa
   at most eight (each worker holds torch and MLflow: about 1 GiB). `-n 0` runs in this process.
 - Order: `--dist loadgroup` sends the tests to the workers in collection order, one scope at a time (a
   test, or every test of one `xdist_group`, which share a fixture). Sorting by `slow(seconds)` puts the
-  long ones first, so no worker starts a three-minute test when the others are nearly done.
+  long ones first, so no worker starts a three-minute test when the others are nearly done. A run shuffled
+  by pytest-random-order (`--random-order`) is left shuffled.
 - Skips: a run that skipped anything says so in red at its end, with each reason; under CI (`CI` set, as
   `.ci/run` sets it) a skip fails the run, since CI installs everything the suite needs.
 """
@@ -56,9 +57,21 @@ def _mark_groups_for_xdist(config: pytest.Config, items: list[pytest.Item]) -> N
             item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
 
 
+def _shuffled(config: pytest.Config) -> bool:
+    """Whether pytest-random-order was asked to shuffle (--random-order, or one of its bucket or seed options)."""
+    try:
+        from random_order.config import Config
+    except ImportError:
+        return False
+    return config.pluginmanager.hasplugin("random_order") and Config(config).is_enabled
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest first; a group's tests keep their place after its longest (xdist sends a group whole)."""
+    """The longest first; a group's tests keep their place after its longest (xdist sends a group whole).
+    A shuffled run (`--random-order-bucket=global`, docs/development.md) keeps the shuffled order."""
     _mark_groups_for_xdist(config, items)
+    if _shuffled(config):
+        return
     group_seconds: dict[str, float] = {}
     for item in items:
         if names := _group_names(item):

@@ -73,6 +73,8 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.Completed
 
 @pytest.mark.slow(30)
 def test_sigkill_then_restart_resumes_to_bitwise_identical_weights(fault_setup, tmp_path, store, uninterrupted):
+    """Slow (~30 s): two training processes, one killed and one resuming, against the reference trained once per
+    session."""
     killed = out(tmp_path / "killed")
 
     proc = fault_setup(tmp_path / "killed")

@@ -84,7 +84,8 @@ def test_fid_of_a_set_with_itself_is_zero(photo_features, photos):
 
 @pytest.mark.slow(40)
 def test_fid_and_kid_grow_with_noise_and_with_blur(inception, photos, photo_features):
-    """Heusel et al. 2017, Fig. 1: both disturbances, at growing strength, move the distances up."""
+    """Heusel et al. 2017, Fig. 1: both disturbances, at growing strength, move the distances up. Slow (~40 s):
+    Inception on 64 images and four FIDs, each a 2048 x 2048 eigen-decomposition on the CPU."""
     cpu, rng, real = torch.device("cpu"), np.random.default_rng(0), photo_features
     noisy = [np.clip(photos + rng.normal(0, sd, photos.shape), 0, 255).astype(np.uint8) for sd in (15, 60)]
     blurred = [gaussian_filter(photos, sigma=(0, s, s, 0)) for s in (1.0, 3.0)]

@@ -18,7 +18,8 @@ CONFIGS = ("ae", "ae_code", "vae")  # bench/gpu.py's: the study's three
 
 @pytest.mark.slow(100)
 def test_the_gpu_benchmark_runs_its_whole_path_on_a_cpu(tmp_path):
-    """~2 minutes: every phase but the short runs, through the real stage scripts, LPIPS and Inception weights."""
+    """~2 minutes: every phase but the short runs, through the real stage scripts, LPIPS and Inception weights.
+    Slow: the smoke runs the check a GPU session runs once, every phase of it, on 32 px images."""
     out = tmp_path / "gpu"
     run = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--phases", PHASES, "--out", str(out)], cwd=REPO,
                          capture_output=True, text=True, timeout=900)

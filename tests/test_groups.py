@@ -242,8 +242,9 @@ def test_a_csv_inside_the_folder_is_read_not_taken_for_an_image(tmp_path):
 
 @pytest.mark.slow(35)
 def test_a_grouped_study_reports_its_groups_and_dvc_sees_the_csv_change(tmp_path_factory):
-    """`dvc repro` of a study on a folder grouped by a CSV in data/groups/: evaluation and the report count
-    groups; editing the CSV makes prepare stale."""
+    """`dvc repro` of a study on a folder grouped by a CSV in data/groups/: evaluation and the report count groups;
+    editing the CSV makes prepare stale. Slow (~35 s): a real dvc repro of a one-model study, on a folder of its
+    own."""
     env = project_env(tmp_path_factory.mktemp("env"))
     repo = copy_project(tmp_path_factory.mktemp("grouped"), merged(TINY, {
         "data": {"source": "folder", "path": "data/raw", "groups": "data/groups/pictures.csv"}}))

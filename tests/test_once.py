@@ -21,6 +21,7 @@ WAITING = "waiting for its outputs instead of training it twice"
 
 @pytest.mark.slow(30)
 def test_two_workers_starting_one_configuration_train_it_once(tmp_path, write_params, store):
+    """Slow (~30 s): real training processes, two of them at once and a third after."""
     params = write_params({"epochs": 12, "batch_size": 16, "data": {"image_size": 32, "builtin_size": 200},
                            "tracking": {"images_every": 0, "system_metrics": False}})
     env = project_env(tmp_path, MLFLOW_TRACKING_URI=store, DVC_ROOT=str(tmp_path))  # as DVC sets it in queue workers

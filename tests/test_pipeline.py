@@ -27,7 +27,7 @@ from aevae.report.grid import GAP, TILE_SCALE
 from tests.conftest import MODELS, exp_metrics, one_line_error, project_env, run
 from tests.studies import copy_of
 
-pytestmark = pytest.mark.slow(20)  # most tests: a few stages of the tiny study, in a copy
+pytestmark = pytest.mark.slow(8)  # most tests: a few stages of the tiny study, in a copy
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -318,7 +318,8 @@ def test_changing_only_reconstruct_reruns_evaluation(repo, env):
 
 @pytest.mark.slow(40)
 def test_a_vae_only_experiment_reuses_the_committed_ae(repo, env):
-    """A queued/--temp experiment starts from the last commit: unchanged stages come from the cache."""
+    """A queued/--temp experiment starts from the last commit: unchanged stages come from the cache. Slow (~40 s): a
+    dvc exp run --temp that trains the VAE and evaluates and reports."""
     before = runs(repo)
     out = run(["dvc", "exp", "run", "--temp", "-n", "beta-half", "-S", "models.vae.beta=0.5"], repo, env).stdout
     assert "Running stage 'train@vae-0'" in out and "Running stage 'evaluate'" in out
@@ -341,11 +342,23 @@ def test_a_vae_only_experiment_reuses_the_committed_ae(repo, env):
     assert (shown["psnr"], shown["ssim"]) == (baseline["ae"]["psnr"], baseline["ae"]["ssim"])
 
 
-def test_registering_the_models_is_one_param_and_trains_nothing(repo, env):
-    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    assert not client.search_registered_models()  # off by default: the runs so far registered nothing
-    out = run(["dvc", "exp", "run", "--temp", "-n", "registered", "-S", "tracking.register_models=true"],
+@pytest.fixture(scope="module")
+def scored(tiny_study, env, tmp_path_factory) -> tuple[Path, str, list]:
+    """A copy of the tiny study after one experiment that turns on FID/KID and the model registry, two
+    evaluation options that train nothing: the copy, what the experiment printed, and the registered models
+    before it. Shared by the tests of the group `pipeline-scored` (one evaluation with Inception, not two)."""
+    repo = copy_of(tiny_study, tmp_path_factory.mktemp("scored") / "repo")
+    before = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_registered_models()
+    out = run(["dvc", "exp", "run", "-n", "fid", "-S", "eval.fid=true", "-S", "tracking.register_models=true"],
               repo, env).stdout
+    return repo, out, before
+
+
+@pytest.mark.xdist_group("pipeline-scored")
+def test_registering_the_models_is_one_param_and_trains_nothing(scored):
+    repo, out, before = scored
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert not before  # off by default: the runs before registered nothing
     assert "Running stage 'train@" not in out and "Running stage 'evaluate'" in out
     for kind in MODELS:
         versions = client.search_model_versions(f"name = 'aevae-{kind}'")
@@ -370,9 +383,13 @@ def numpy_fid(real: np.ndarray, fake: np.ndarray) -> float:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.xdist_group("pipeline-scored")
 @pytest.mark.slow(60)
-def test_fid_is_one_param_that_trains_nothing_and_recomputes_from_the_saved_features(repo, env):
-    out = run(["dvc", "exp", "run", "-n", "fid", "-S", "eval.fid=true"], repo, env).stdout
+def test_fid_is_one_param_that_trains_nothing_and_recomputes_from_the_saved_features(scored, env):
+    """FID and KID turned on in a copy of the tiny study: features, evaluate and report run, nothing trains, and
+    every number recomputes from the saved features. Slow (~60 s): Inception and four FIDs on the CPU (the
+    group's fixture), and Inception again here."""
+    repo, out, _ = scored
     assert "Running stage 'train@" not in out and "Running stage 'features'" in out
     result = json.loads((repo / "metrics/eval.json").read_text())
     fid = result["fid_kid"]
@@ -463,6 +480,8 @@ def queued(tiny_study, env, tmp_path_factory) -> Path:
 @pytest.mark.xdist_group("pipeline-queue")
 @pytest.mark.slow(250)
 def test_exp_run_with_a_param_override_retrains_every_model(queued, env):
+    """The lr experiment of the queue retrains every model and not prepare. Slow: the first test of the group
+    `pipeline-queue` pays for its fixture, a queue session of three experiments (nine trainings) on two workers."""
     out = run(["dvc", "queue", "logs", "queued-a"], queued, env).stdout  # what the experiment printed
     assert all(f"Running stage 'train@{kind}-0'" in out for kind in MODELS)
     assert "Running stage 'prepare'" not in out  # the data does not depend on lr

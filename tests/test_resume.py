@@ -25,6 +25,7 @@ RESUME_PARAMS = {"epochs": EPOCHS, "lr": 0.002, "batch_size": 16, "data": {"imag
 
 @pytest.mark.slow(22)
 def test_a_last_pt_of_other_params_or_other_data_is_ignored_and_training_starts_over(tmp_path, write_params, store):
+    """Slow (~20 s): real training processes, as a queue worker starts them."""
     params = write_params(RESUME_PARAMS)
     other_lr = write_params({**RESUME_PARAMS, "lr": 0.001}, name="other_lr.yaml")
     data, other_data = tmp_path / "prepared", tmp_path / "prepared_other"

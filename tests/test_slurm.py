@@ -137,7 +137,9 @@ def submitted(tmp_path_factory) -> Submitted:
     local = root / "local"
     run(["git", "clone", "-q", str(repo), str(local)], root, env)
     # The local reference runs beside the cluster's jobs, which wait on Slurm much of the time.
-    reference = subprocess.Popen(["dvc", "repro"], cwd=local, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # `dvc repro evaluate`: the pipeline up to the metrics compared below (the report adds none of them).
+    reference = subprocess.Popen(["dvc", "repro", "evaluate"], cwd=local, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT,
                                  text=True, env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'local.db'}"})
     workdir, start = root / "studies", time.monotonic()
     result = aevae(["slurm", "submit", "--name", "first", "--workdir", str(workdir), *WAIT], repo, env)
@@ -153,6 +155,8 @@ def submitted(tmp_path_factory) -> Submitted:
 @pytest.mark.slow(80)
 @pytest.mark.xdist_group("slurm-study")
 def test_each_training_of_a_study_is_an_array_task_of_its_own(submitted):
+    """Slow: the first test of the group `slurm-study` pays for its fixture, a study submitted to a real cluster
+    and waited for, a local dvc repro beside it."""
     study, workdir = submitted.first, submitted.workdir
     records = submitted.cluster.job_records()  # the controller's job records
     tasks = {int(r["ArrayTaskId"]): r for r in records if r.get("ArrayJobId") == study["jobs"]["train"]}

@@ -81,7 +81,9 @@ def faulted(tmp_path_factory) -> Faulted:
     repo = study_project(root, env, ("vae",), STUDY)
     local = root / "local"
     run(["git", "clone", "-q", str(repo), str(local)], root, env)
-    reference = subprocess.Popen(["dvc", "repro"], cwd=local, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    # `dvc repro evaluate`: the pipeline up to the metrics compared below (the report adds none of them).
+    reference = subprocess.Popen(["dvc", "repro", "evaluate"], cwd=local, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT,
                                  text=True, env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'local.db'}"})
     workdir, start = root / "studies", time.monotonic()
     result = aevae(["slurm", "submit", "--name", "faults", "--workdir", str(workdir)], repo, env)
@@ -128,6 +130,8 @@ def _starts(faulted: Faulted, stage: str) -> list[list[str]]:
 
 
 def test_the_array_spreads_over_the_nodes_and_the_study_equals_a_local_repro(faulted):
+    """Slow: the first test of the group `slurm-nodes` pays for its fixture (the module docstring says why it takes
+    minutes)."""
     assert len(set(faulted.first_nodes.values())) == 2, faulted.first_nodes  # one training per node
     found = exp_metrics(faulted.repo, faulted.env)["faults"]
     for metric in ("psnr", "ssim", "lpips", "mse"):

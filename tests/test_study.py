@@ -18,7 +18,8 @@ from PIL import Image
 from tests.conftest import TINY, commit_study, copy_project, merged, project_env, run
 from tests.studies import built_once, copy_of
 
-pytestmark = pytest.mark.slow(30)
+# One study built for the module (and a copy of it with a second seed): its tests run on one worker.
+pytestmark = [pytest.mark.slow(30), pytest.mark.xdist_group("new-kind-study")]
 
 # docs/models.md, "Adding a model kind": a class in a module of aevae/models and an entry under models:.
 NEW_KIND = '''
@@ -101,7 +102,7 @@ def test_a_new_kind_goes_through_every_stage_and_command(study, env, tmp_path):
 def two_seeds(study, env, tmp_path_factory) -> tuple[Path, str, pd.DataFrame]:
     """`dvc exp run -S 'train.seeds=[0,1]' -S epochs=1` in the workspace of a copy of the study, seed 0
     trained before: the copy, the command's output, and the MLflow training runs it added. Shared by the two
-    tests of the group `study-two-seeds`."""
+    tests that read it."""
     repo = copy_of(study, tmp_path_factory.mktemp("two-seeds") / "repo")
     before = training_runs(repo)
     out = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1]", "-S", "epochs=1"], repo, env).stdout
@@ -109,9 +110,9 @@ def two_seeds(study, env, tmp_path_factory) -> tuple[Path, str, pd.DataFrame]:
     return repo, out, after[~after["run_id"].isin(before["run_id"])]
 
 
-@pytest.mark.xdist_group("study-two-seeds")
 @pytest.mark.slow(60)
 def test_a_second_seed_is_one_command_and_the_report_covers_both(two_seeds):
+    """Slow (~60 s): the group's fixture trains a second seed of three models and evaluates and reports."""
     study, out, _ = two_seeds
     for config in CONFIGS:
         assert f"Running stage 'train@{config}-1'" in out and f"Running stage 'train@{config}-0'" not in out
@@ -128,7 +129,6 @@ def test_a_second_seed_is_one_command_and_the_report_covers_both(two_seeds):
     assert re.search(r"± [0-9.]+ \[", report)  # the seed-to-seed sd beside every mean
 
 
-@pytest.mark.xdist_group("study-two-seeds")
 @pytest.mark.slow(1)
 def test_adding_a_seed_trains_only_that_seed_once_per_model(two_seeds):
     """What the second seed's command added: one training run per model, of the new seed only."""

@@ -67,6 +67,7 @@ def train_stage(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProc
 @pytest.mark.xdist_group("team-server")
 @pytest.mark.slow(45)
 def test_anonymous_clients_are_refused_and_a_wrong_password_stops_before_training(tmp_path, env, server):
+    """Slow (~45 s): the real training stage, four times (two refused at the start), and a prepare."""
     client = mlflow.MlflowClient(server.uri)
     with pytest.raises(mlflow.exceptions.MlflowException, match="401"):
         client.search_experiments()  # reading is refused as well as writing: the runs are not public
@@ -177,7 +178,7 @@ def test_the_pipeline_logs_to_a_tracking_server_unchanged(sweeps, server):
         found = client.search_runs([experiment.experiment_id], "tags.dvc_exp_name = 'alice-exp'")
         runs = {r.info.run_name: r for r in found}
         assert sorted(runs) == ["ae-seed0", "ae_code-seed0", "alice-exp", "report", "vae-seed0"]
-        assert runs["vae-seed0"].data.params["model.beta"] == "2.0" and runs["ae-seed0"].data.params["lr"] == "0.002"
+        assert float(runs["vae-seed0"].data.params["model.beta"]) == 2 and runs["ae-seed0"].data.params["lr"] == "0.002"
         assert "test_psnr" in runs["ae-seed0"].data.metrics and "test_psnr" in runs["vae-seed0"].data.metrics
         assert "checkpoints/best.pt" in {a.path for a in client.list_artifacts(runs["ae-seed0"].info.run_id,
                                                                                  "checkpoints")}

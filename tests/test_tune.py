@@ -56,8 +56,11 @@ def tuned(tmp_path_factory) -> Path:
                       lambda folder: commit_study(folder / "repo", project_env(folder), study, CONFIGS)) / "repo"
 
 
+@pytest.mark.xdist_group("tuned-study")  # on the worker that builds the study, not waiting for it
 @pytest.mark.slow(75)
 def test_every_configuration_gets_the_same_trials_and_the_study_trains_at_the_choice(tuned):
+    """Slow (~75 s) for the first tune test of a session: it builds the tuned study (eight trial trainings, two
+    more, evaluate, report)."""
     runs = runs_in(tuned / "mlflow.db")
     tuning = runs[runs["tags.aevae_role"] == "tuning"]
     assert sorted(tuning["tags.tuning_config"]) == sorted(CONFIGS)
@@ -101,6 +104,7 @@ def tune_stage(repo: Path, root: Path, config: str, env: dict[str, str]) -> subp
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.xdist_group("tuned-study")  # on the worker that builds the study, not waiting for it
 @pytest.mark.slow(25)
 def test_without_the_test_split_killed_and_started_again_the_tuning_equals_an_uninterrupted_one(tuned, env,
                                                                                                 tmp_path):
@@ -128,8 +132,11 @@ def test_without_the_test_split_killed_and_started_again_the_tuning_equals_an_un
     assert len(trials) == 4 and set(trials["status"]) == {"FINISHED"}  # each (trial, seed) one run, resumed
 
 
+@pytest.mark.xdist_group("tuned-study")  # on the worker that builds the study, not waiting for it
 @pytest.mark.slow(75)
 def test_more_trials_train_only_the_new_ones_and_a_repeat_trains_nothing(tuned, env, tmp_path):
+    """A third trial, then the same command again, in a copy of the tuned study. Slow (~75 s): four trial
+    trainings, the study's trainings at the new choice, evaluate and report."""
     repo = copy_of(tuned, tmp_path / "repo")
     before = set(trial_runs(repo / "mlflow.db")["run_id"])
     run(["dvc", "exp", "run", "-S", "tune.trials=3"], repo, env)

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from aevae.results.names import FID_METRICS, METRICS
+from aevae.results.names import FID_METRICS, METRICS, PER_IMAGE_METRICS
 
 
 def crossed_bootstrap(values: np.ndarray, units: np.ndarray, samples: int, seed: int) -> dict[str, float]:
@@ -50,20 +50,26 @@ def _grid(frame: pd.DataFrame, metric: str, index: np.ndarray) -> np.ndarray:
     return frame.pivot(index="seed", columns="index", values=metric).reindex(columns=index).to_numpy()
 
 
+def scored_metrics(frame: pd.DataFrame) -> list[str]:
+    """The per-image metrics a model has: every one of METRICS (LPIPS may be all NaN: missing weights), and
+    the likelihood's where the model has an ELBO."""
+    return [m for m in PER_IMAGE_METRICS if m in frame and (m in METRICS or frame[m].notna().any())]
+
+
 def summarize(per_image: pd.DataFrame, units: list[str], samples: int, seed: int) -> pd.DataFrame:
     """One row per (model, metric), plus the paired difference `a-b` of every pair of models (in the order
-    they were scored), per metric, matched by seed and test image."""
+    they were scored), per metric both have, matched by seed and test image."""
     index, units = np.arange(len(units)), np.asarray(units)
     rows = []
     models = list(dict.fromkeys(per_image["model"]))
     frames = {m: per_image[per_image["model"] == m] for m in models}
     for model in models:
-        for metric in METRICS:
+        for metric in scored_metrics(frames[model]):
             rows.append({"model": model, "metric": metric,
                          **crossed_bootstrap(_grid(frames[model], metric, index), units, samples, seed)})
     for a, b in itertools.combinations(models, 2):
         shared = set(frames[a]["seed"]) & set(frames[b]["seed"])  # pairs matched by seed and image
-        for metric in METRICS:
+        for metric in (m for m in scored_metrics(frames[a]) if m in scored_metrics(frames[b])):
             first, second = (_grid(frames[m][frames[m]["seed"].isin(shared)], metric, index) for m in (a, b))
             rows.append({"model": f"{a}-{b}", "metric": metric,
                          **crossed_bootstrap(first - second, units, samples, seed)})
@@ -78,7 +84,7 @@ def per_seed_table(per_image: pd.DataFrame, extra: dict[tuple[str, int], dict[st
     rows = []
     for (model, training_seed), group in per_image.groupby(["model", "seed"], sort=False):
         row = {"model": model, "seed": training_seed}
-        for metric in METRICS:
+        for metric in scored_metrics(group):
             stats = crossed_bootstrap(group[metric].to_numpy()[None], group["unit"].to_numpy(), samples, seed)
             row.update({metric: stats["mean"], f"{metric}_ci_low": stats["ci_low"],
                         f"{metric}_ci_high": stats["ci_high"]})

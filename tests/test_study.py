@@ -29,10 +29,12 @@ class WideVAE(VAE):
 
     kind = "wide_vae"
 '''
-STUDY = merged(TINY, {"models": {"wide": {"kind": "wide_vae", "latent_dim": 16, "beta": 0.5, "kl_warmup_epochs": 0}}})
+STUDY = merged(TINY, {"models": {"wide": {"kind": "wide_vae", "latent_dim": 16, "beta": 0.5, "kl_warmup_epochs": 0},
+                                 "sigma": {"kind": "sigma_vae", "latent_dim": 16}}})
 # The smallest study that shows the new kind beside the others: a model without a prior and one with an ELBO
-# besides it (the AE at the VAE's code size adds nothing here but trainings).
-CONFIGS = ("ae", "vae", "wide")
+# besides it (the AE at the VAE's code size adds nothing here but trainings); and the sigma-VAE, a shipped kind
+# that is one entry under models: too.
+CONFIGS = ("ae", "vae", "wide", "sigma")
 # The `aevae` command of the study's own code (the installed one has no WideVAE): python -c puts the working
 # directory first on sys.path, as an editable install of that repository would.
 AEVAE = [sys.executable, "-c", "from aevae.commands.main import main; main()"]
@@ -72,7 +74,7 @@ def test_a_new_kind_goes_through_every_stage_and_command(study, env, tmp_path):
     report = (study / "reports/report.md").read_text()
     assert "VAE beta=0.5" in report and "## Rate and distortion" in report  # two models with an ELBO
     assert (study / "reports/rate_distortion.png").stat().st_size > 10_000
-    assert "## Sampling (VAE, VAE beta=0.5)" in report  # samples and interpolation for every generative model
+    assert "## Sampling (VAE, VAE beta=0.5, sigma-VAE)" in report  # samples and interpolation: every generative model
     runs = training_runs(study)
     wide = runs[runs["tags.model_config"] == "wide"].iloc[0]
     assert wide["tags.model_kind"] == "wide_vae" and wide["params.model.kind"] == "wide_vae"
@@ -96,6 +98,26 @@ def test_a_new_kind_goes_through_every_stage_and_command(study, env, tmp_path):
     run([*AEVAE, "sample", "models/wide/seed0/best.pt", "-n", "4", "--out", str(tmp_path / "s.png"), "--between",
          str(photos / "0.png"), str(photos / "1.png")], study, env)
     assert (tmp_path / "s.png").is_file() and (tmp_path / "s-interpolation.png").is_file()
+
+
+def test_the_sigma_vae_is_one_entry_under_models_and_scored_as_a_density_model(study):
+    """The calibrated-decoder VAE beside the VAE by one params entry: trained with its learned sd (logged each
+    epoch), scored in bits/dim like every model with an ELBO, under the sd its training implied too."""
+    result = json.loads((study / "metrics/eval.json").read_text())
+    sigma, vae, wide = result["sigma"], result["vae"], result["wide"]
+    history = pd.read_csv(study / "models/sigma/seed0/history.csv")
+    assert history["val_sigma"].iloc[-1] == pytest.approx(sigma["trained_sigma"], rel=0.05) < 1.0  # it learned
+    assert wide["trained_sigma"] == pytest.approx(0.5) and vae["trained_sigma"] == pytest.approx(0.5 ** 0.5)
+    for entry in (sigma, vae, wide):
+        assert 0 < entry["bpd"] < entry["bpd_elbo"] and entry["sigma"] < entry["trained_sigma"]
+    latents = pd.read_csv(study / "metrics/latents.csv")
+    assert list(dict.fromkeys(latents["model"])) == ["vae", "wide", "sigma"]
+    likelihood = (study / "reports/report.md").read_text().split("## Likelihood", 1)[1].split("\n## ", 1)[0]
+    assert f"| sigma-VAE | {sigma['bpd']:.3f}" in likelihood
+    assert f"({sigma['trained_sigma']:.4f} on [0, 1]" in likelihood
+    runs = training_runs(study)
+    logged = runs[runs["tags.model_config"] == "sigma"].iloc[0]
+    assert logged["metrics.test_bpd"] == pytest.approx(sigma["bpd"], abs=1e-5) and logged["metrics.val_sigma"] > 0
 
 
 @pytest.fixture(scope="module")

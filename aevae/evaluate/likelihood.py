@@ -148,6 +148,7 @@ def score_likelihood(model: Model, images: np.ndarray, sigmas: dict[str, float],
 
 
 @torch.no_grad()
+@ieee_fp32()
 def posterior_use(model: Model, images: np.ndarray, batch_size: int, device: torch.device,
                   generator: torch.Generator) -> tuple[dict[str, float], pd.DataFrame]:
     """How much of its latent a model uses on `images`: active units (Burda et al. 2016), the mutual

@@ -46,7 +46,7 @@ def evaluate(params: Params, settings: EvalParams, data_dir: Path, models_root: 
         extra[key].update(scorer.score(*key, model, recon))
         scores = score_images(recon, test, settings.batch_size, lpips_model, device)
         likelihood = no_likelihood(len(test))
-        if model.has_elbo:
+        if model.has_elbo and settings.iwae_samples:
             likelihood, figures, per_dim = likelihood_of(model, val, test, settings.iwae_samples, settings.iwae_batch,
                                                          settings.batch_size, device, params.seed)
             extra[key].update(figures)

@@ -174,8 +174,9 @@ def mutual_information(mu: Tensor, logvar: Tensor, generator: torch.Generator, d
     z = mu + torch.exp(0.5 * logvar) * torch.randn((draws, *mu.shape), generator=generator, dtype=mu.dtype)
     own = _gaussian_log_density(z, mu, logvar)  # (draws, n)
     z = z.transpose(0, 1).flatten(0, 1)  # image-major: (n * draws, latent)
-    log_qz = torch.cat([torch.logsumexp(_gaussian_log_density(z[i:i + 1000, None], mu[None], logvar[None]), dim=1)
-                        for i in range(0, len(z), 1000)]) - math.log(n)
+    rows = max(1, 2 ** 22 // mu.numel())  # ~32 MB of float64 per chunk, whatever the test set's size
+    log_qz = torch.cat([torch.logsumexp(_gaussian_log_density(z[i:i + rows, None], mu[None], logvar[None]), dim=1)
+                        for i in range(0, len(z), rows)]) - math.log(n)
     return float(own.transpose(0, 1).flatten().mean() - log_qz.mean())
 
 

@@ -66,8 +66,9 @@ def test_one_checked_weights_search_serves_lpips_and_inception():
 
 
 # What only a kind knows: its layers and methods, its settings and loss terms, its name. Outside aevae/models
-# code asks the contract (generative, rate_term, neg_elbo_term, interpolate, elbo_words, ...) instead.
-KIND_ATTRIBUTES = {"decode", "encode", "latent_mean", "kl_weight", "latent_dim", "to_mu", "to_logvar"}
+# code asks the contract (generative, rate_term, neg_elbo_term, interpolate, elbo_words, and for a model with an
+# ELBO has_elbo, posterior, decode, trained_sigma) instead.
+KIND_ATTRIBUTES = {"encode", "latent_mean", "kl_weight", "latent_dim", "to_mu", "to_logvar"}
 KIND_WORDS = {"beta", "model.beta", "params.model.beta", "kl", "kl_nats", "recon_nats", "neg_elbo_nats", "vae", "ae",
               "ae_code", "VAE", "AE"}
 # Names as data, not questions: the default study of params.yaml, and a key of params.yaml's earlier versions.
@@ -101,10 +102,10 @@ def test_nothing_outside_models_asks_a_kind_what_only_the_contract_may(tmp_path)
     assert [q for path in outside_models() for q in kind_questions(path)] == []
     leak = tmp_path / "aevae" / "report" / "leak.py"  # the check itself: the old figures.py leak is found
     leak.parent.mkdir(parents=True)
-    leak.write_text("def line(t, z):\n    return t.model.decode(z) if t.model.config['beta'] else None\n")
+    leak.write_text("def line(t, x):\n    return t.model.encode(x) if t.model.config['beta'] else None\n")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys.modules[__name__], "REPO", tmp_path)
-        assert sorted(kind_questions(leak)) == ["aevae/report/leak.py:2 'beta'", "aevae/report/leak.py:2 .decode"]
+        assert sorted(kind_questions(leak)) == ["aevae/report/leak.py:2 'beta'", "aevae/report/leak.py:2 .encode"]
 
 
 @pytest.mark.parametrize("breach", [

@@ -159,7 +159,7 @@ def posterior_use(model: Model, images: np.ndarray, batch_size: int, device: tor
     parts = [tuple(v.float().cpu() for v in model.posterior(x)) for x in batches(images, batch_size, device)]
     mu, logvar = torch.cat([p[0] for p in parts]).double(), torch.cat([p[1] for p in parts]).double()
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)  # per image and dimension, nats
-    per_dim = pd.DataFrame({"dim": np.arange(mu.shape[1]), "kl_nats": kl.mean(0).numpy(),
+    per_dim = pd.DataFrame({"dim": np.arange(mu.shape[1]), "dim_kl_nats": kl.mean(0).numpy(),
                             "mean_variance": mu.var(0).numpy()})
     figures = {"active_units": float(active_units(mu)), "latent_dim": float(mu.shape[1]),
                "mutual_information_nats": mutual_information(mu, logvar, generator)}

@@ -57,8 +57,8 @@ def evaluate(params: Params, settings: EvalParams, data_dir: Path, models_root: 
     per_seed = per_seed_table(per_image, extra, settings.bootstrap_samples, params.seed)
     summary = pd.concat([summarize(per_image, units, settings.bootstrap_samples, params.seed),
                          set_level_rows(per_seed)], ignore_index=True)
-    latents_table = (pd.concat(latents, ignore_index=True)[["model", "seed", "dim", "kl_nats", "mean_variance"]]
-                     if latents else pd.DataFrame(columns=["model", "seed", "dim", "kl_nats", "mean_variance"]))
+    latents_table = (pd.concat(latents, ignore_index=True)[["model", "seed", "dim", "dim_kl_nats", "mean_variance"]]
+                     if latents else pd.DataFrame(columns=["model", "seed", "dim", "dim_kl_nats", "mean_variance"]))
     result = write_results(out, per_image, per_seed, summary, latents_table, lpips_source, fid,
                            likelihood_method(settings.iwae_samples))
     log_test_results(params, trainings, out, (per_seed, summary), {

@@ -35,10 +35,10 @@ def plot_latent_kl(latents: pd.DataFrame, trained: list[Trained], seed: int, pat
     shown = [t for t in trained if ((latents["model"] == t.name) & (latents["seed"] == seed)).any()]
     fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 3.5), constrained_layout=True, squeeze=False)
     for ax, t in zip(axes[0], shown):
-        rows = latents[(latents["model"] == t.name) & (latents["seed"] == seed)].sort_values("kl_nats",
+        rows = latents[(latents["model"] == t.name) & (latents["seed"] == seed)].sort_values("dim_kl_nats",
                                                                                              ascending=False)
         active = (rows["mean_variance"] > 0.01).to_numpy()
-        kl, x = np.maximum(rows["kl_nats"].to_numpy(), 1e-4), np.arange(len(rows))
+        kl, x = np.maximum(rows["dim_kl_nats"].to_numpy(), 1e-4), np.arange(len(rows))
         ax.bar(x[active], kl[active], width=1.0, color="tab:blue", label=f"active ({active.sum()})")
         ax.bar(x[~active], kl[~active], width=1.0, color="tab:gray", label=f"inactive ({(~active).sum()})")
         ax.axhline(AT_PRIOR_NATS, color="tab:red", linestyle="--", linewidth=1, label="at the prior below this")
@@ -78,8 +78,8 @@ def _collapse_words(label: str, seeds: pd.DataFrame, latents: pd.DataFrame, test
     """What the latent's use means, in words: active units, where the KL sits, the mutual information."""
     latent_dim, active = int(seeds["latent_dim"].iloc[0]), seeds["active_units"].astype(int).tolist()
     per_seed = "" if len(active) == 1 else f" (per seed: {', '.join(map(str, active))})"
-    holding = sorted({_dims_holding(rows["kl_nats"].to_numpy()) for _, rows in latents.groupby("seed")})
-    at_prior = sorted({int((rows["kl_nats"] < AT_PRIOR_NATS).sum()) for _, rows in latents.groupby("seed")})
+    holding = sorted({_dims_holding(rows["dim_kl_nats"].to_numpy()) for _, rows in latents.groupby("seed")})
+    at_prior = sorted({int((rows["dim_kl_nats"] < AT_PRIOR_NATS).sum()) for _, rows in latents.groupby("seed")})
     prior = str(at_prior[0]) if len(at_prior) == 1 else f"{at_prior[0]} to {at_prior[-1]}"
     held = str(holding[0]) if len(holding) == 1 else f"{holding[0]} to {holding[-1]}"
     mi, bound = float(seeds["mutual_information_nats"].mean()), math.log(test_images)

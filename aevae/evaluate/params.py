@@ -20,7 +20,7 @@ class EvalParams(Section):
     require_lpips: bool = False
     fid: Literal["auto"] | bool = "auto"  # FID/KID: auto = only on CUDA (Inception-v3 is slow on a CPU)
     require_fid: bool = False
-    iwae_samples: int = Field(100, ge=0)  # k of the IWAE bound per test image (bench/results.md: why 100); 0: off
+    iwae_samples: int = Field(64, ge=0)  # k of the IWAE bound per test image (bench/results.md: why 64); 0: off
     iwae_batch: int = Field(1000, ge=1)  # decodes per pass: bounds the likelihood's memory (~0.3 GB at 64 px)
 
 

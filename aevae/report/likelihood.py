@@ -83,8 +83,8 @@ def _collapse_words(label: str, seeds: pd.DataFrame, latents: pd.DataFrame, test
     prior = str(at_prior[0]) if len(at_prior) == 1 else f"{at_prior[0]} to {at_prior[-1]}"
     held = str(holding[0]) if len(holding) == 1 else f"{holding[0]} to {holding[-1]}"
     mi, bound = float(seeds["mutual_information_nats"].mean()), math.log(test_images)
-    ceiling = (", and it is at that ceiling: the code tells the test images apart, and only more test images "
-               "would measure how much more it holds" if mi > 0.9 * bound else "")
+    ceiling = (f", and it is {'at' if mi > 0.99 * bound else 'near'} that ceiling: the code tells the test images "
+               "apart, and only more test images would measure how much more it holds" if mi > 0.9 * bound else "")
     return (f"{label}: {round(float(np.mean(active)))} of {latent_dim} latent dimensions carry information"
             f"{per_seed}: their posterior mean varies across test images (variance above 0.01, Burda et al. 2016). "
             + (f"None sits at the prior (KL below {AT_PRIOR_NATS:g} nats): no dimension has collapsed; "

@@ -40,7 +40,8 @@ def plot_latent_kl(latents: pd.DataFrame, trained: list[Trained], seed: int, pat
         active = (rows["mean_variance"] > 0.01).to_numpy()
         kl, x = np.maximum(rows["dim_kl_nats"].to_numpy(), 1e-4), np.arange(len(rows))
         ax.bar(x[active], kl[active], width=1.0, color="tab:blue", label=f"active ({active.sum()})")
-        ax.bar(x[~active], kl[~active], width=1.0, color="tab:gray", label=f"inactive ({(~active).sum()})")
+        if (~active).any():
+            ax.bar(x[~active], kl[~active], width=1.0, color="tab:gray", label=f"inactive ({(~active).sum()})")
         ax.axhline(AT_PRIOR_NATS, color="tab:red", linestyle="--", linewidth=1, label="at the prior below this")
         ax.set(title=f"{t.label}: KL per latent dimension, sorted", xlabel="latent dimension (largest KL first)",
                ylabel="KL (nats, mean over test images)", yscale="log")

@@ -156,7 +156,7 @@ def test_the_sigma_vae_loss_is_the_gaussian_density_with_its_learned_sd():
     assert model.has_elbo and model.generative and model.trained_sigma() == pytest.approx(1.0, abs=0.01)
     x = torch.rand(6, 3, 32, 32)
     with torch.no_grad():
-        model.log_sigma.fill_(math.log(0.2))
+        model.log_sigma_scaled.fill_(math.log(0.2) / 20)  # the parameter is log sd / 20
     torch.manual_seed(1)
     loss = model.loss(x)
     torch.manual_seed(1)

@@ -159,7 +159,7 @@ def test_bad_model_settings_are_one_line_errors_naming_the_key(entry, message):
 def test_the_contract_answers_what_the_report_asks(tmp_path):
     models = {kind: build_model(kind, small_params(32)) for kind in MODELS}
     generative = {kind for kind, m in models.items() if m.generative}
-    assert generative == {"vae"}
+    assert generative == {"vae", "sigma_vae"}
     x = torch.rand(2, 3, 32, 32)
     for model in models.values():
         model.eval()

@@ -139,7 +139,8 @@ def test_lpips_of_real_reconstructions_agrees_with_torchmetrics(tiny_study, torc
 
 def test_per_image_scores_recompute_from_the_saved_reconstructions(tiny_study):
     per_image = pd.read_csv(tiny_study / "metrics/per_image.csv")
-    assert list(per_image.columns) == ["model", "seed", "index", "unit", "psnr", "ssim", "lpips", "mse"]
+    assert list(per_image.columns) == ["model", "seed", "index", "unit", "psnr", "ssim", "lpips", "mse", "bpd",
+                                       "bpd_elbo", "bpd_gap", "bpd_trained"]
     test = np.load(tiny_study / "data/prepared/test.npy")
     result = json.loads((tiny_study / "metrics/eval.json").read_text())
     for kind in MODELS:

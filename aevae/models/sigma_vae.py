@@ -4,7 +4,6 @@ its one shared sd with the network, instead of the fixed variance 1/2 that squar
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,9 +14,10 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 MIN_LOG_SIGMA = -6.0  # Rybkin et al.'s floor: sd e^-6 = 0.0025 on [0, 1], below one grey level (1/255)
 # Adam moves a parameter by about lr per step whatever its gradient's scale. The shared log sd starts at 0
 # (sd 1, as Rybkin et al.) and must travel to log sqrt(MSE), about -2.5, within the study's few hundred
-# steps: at lr 0.002 it would cover 0.5 in 250 steps and stay near sd 0.6, a plain VAE at beta 0.7. So this
-# one scalar learns at 20 x lr (docs/models.md).
-SIGMA_LR_SCALE = 20.0
+# steps: at lr 0.002 it would cover 0.5 in 250 steps and stay near sd 0.6, a plain VAE at beta 0.7. So the
+# parameter is log sd / 20: Adam's step at the shared lr moves log sd 20 times as far (docs/models.md), and
+# every parameter still learns at the optimizer's lr.
+LOG_SIGMA_SCALE = 20.0
 
 
 class SigmaVAE(VAE):
@@ -33,7 +33,7 @@ class SigmaVAE(VAE):
     def __init__(self, image_size: int = 64, latent_dim: int = 128, beta: float = 1.0,
                  kl_warmup_epochs: int = 0) -> None:
         super().__init__(image_size, latent_dim, beta, kl_warmup_epochs)
-        self.log_sigma = nn.Parameter(torch.zeros(()))
+        self.log_sigma_scaled = nn.Parameter(torch.zeros(()))  # log sd / LOG_SIGMA_SCALE
 
     @property
     def label(self) -> str:
@@ -46,7 +46,8 @@ class SigmaVAE(VAE):
     def clipped_log_sigma(self) -> Tensor:
         """log sigma, softly floored at MIN_LOG_SIGMA (Rybkin et al.'s softclip), so that it cannot run off
         to -inf on a batch the decoder fits exactly."""
-        return MIN_LOG_SIGMA + nn.functional.softplus(self.log_sigma.float() - MIN_LOG_SIGMA)
+        log_sigma = LOG_SIGMA_SCALE * self.log_sigma_scaled.float()
+        return MIN_LOG_SIGMA + nn.functional.softplus(log_sigma - MIN_LOG_SIGMA)
 
     def reconstruction_nll(self, sse: Tensor, pixels: int) -> Tensor:
         log_sigma = self.clipped_log_sigma()
@@ -57,11 +58,6 @@ class SigmaVAE(VAE):
 
     def trained_sigma(self) -> float | None:
         return float(self.clipped_log_sigma().detach().exp())
-
-    def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        groups = [{**g, "params": [p for p in g["params"] if p is not self.log_sigma]}
-                  for g in super().param_groups(lr)]
-        return [*groups, {"params": [self.log_sigma], "lr": lr * SIGMA_LR_SCALE}]
 
     def elbo_words(self, values: dict[str, float]) -> str:
         return (f"reconstruction {values['recon_nats']:.1f} + KL {values['kl_nats']:.1f} = "
